@@ -1,0 +1,216 @@
+"""AsymmDiT: Mochi's joint text/video diffusion transformer, predicting the flow-matching velocity z0 - noise.
+
+Visual tokens (width dim_x) and text tokens (width dim_y) keep separate weights but attend jointly with
+dim_x-wide heads; the text stream is projected up for attention and back down after it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from .attention import TextPacking, check_backend, joint_attention
+from .layers import (
+    AttentionPool,
+    FeedForward,
+    FinalLayer,
+    RMSNorm,
+    TimestepEmbedder,
+    modulated_rms_norm,
+    residual_gated_rms_norm,
+    swiglu_hidden_size,
+)
+from .rope import apply_rope, rope_cos_sin, rope_positions
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    """Sizes of an AsymmDiT; `mochi_1_preview()` is the published one."""
+
+    depth: int = 48
+    num_heads: int = 24
+    head_dim: int = 128
+    dim_y: int = 1536  # text stream width
+    mlp_hidden_x: int = 8192
+    mlp_hidden_y: int = 4096
+    text_dim: int = 4096  # T5 feature width
+    pool_heads: int = 8
+    in_channels: int = 12
+    patch_size: int = 2
+    timestep_freq_dim: int = 256
+
+    @property
+    def dim_x(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @classmethod
+    def mochi_1_preview(cls) -> DiTConfig:
+        return cls()
+
+    @classmethod
+    def reduced(cls, depth: int, num_heads: int, dim_y: int, text_dim: int, head_dim: int = 128, **kw) -> DiTConfig:
+        """A smaller model with native MLP widths (rounded up to multiples of 256)."""
+        hidden_x, hidden_y = swiglu_hidden_size(num_heads * head_dim), swiglu_hidden_size(dim_y)
+        return cls(depth, num_heads, head_dim, dim_y, hidden_x, hidden_y, text_dim, **kw)
+
+
+class AsymmetricAttention(nn.Module):
+    """Joint attention with separate qkv/out projections per stream; QK RMSNorm; RoPE on visual tokens only."""
+
+    def __init__(self, cfg: DiTConfig, update_y: bool):
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.qkv_x = nn.Linear(cfg.dim_x, 3 * cfg.dim_x, bias=False)
+        self.qkv_y = nn.Linear(cfg.dim_y, 3 * cfg.dim_x, bias=False)  # text projected up to the visual width
+        self.q_norm_x = RMSNorm(cfg.head_dim)
+        self.k_norm_x = RMSNorm(cfg.head_dim)
+        self.q_norm_y = RMSNorm(cfg.head_dim)
+        self.k_norm_y = RMSNorm(cfg.head_dim)
+        self.proj_x = nn.Linear(cfg.dim_x, cfg.dim_x)
+        self.proj_y = nn.Linear(cfg.dim_x, cfg.dim_y) if update_y else None
+
+    def forward(self, x, y, rope, packing: TextPacking, backend: str):
+        """x (B, N, Dx), y (B, L, Dy) -> x_attn (B, N, Dx), y_attn (B, L, Dy) or None in the last block."""
+        n = x.shape[1]
+        split = lambda t: rearrange(t, "b s (three h d) -> three b h s d", three=3, h=self.num_heads)
+        q_x, k_x, v_x = split(self.qkv_x(x))  # (B, H, N, d) each
+        q_y, k_y, v_y = split(self.qkv_y(packing.gather(y)))  # (B, H, Lp, d) each: valid text only
+        q_x = apply_rope(self.q_norm_x(q_x), *rope)
+        k_x = apply_rope(self.k_norm_x(k_x), *rope)
+        q = torch.cat([q_x, self.q_norm_y(q_y)], dim=2)  # (B, H, N + Lp, d)
+        k = torch.cat([k_x, self.k_norm_y(k_y)], dim=2)
+        v = torch.cat([v_x, v_y], dim=2)
+
+        out = rearrange(joint_attention(q, k, v, n, packing, backend), "b h s d -> b s (h d)")  # (B, N + Lp, Dx)
+        x_attn = self.proj_x(out[:, :n])  # (B, N, Dx)
+        if self.proj_y is None:
+            return x_attn, None
+        return x_attn, self.proj_y(packing.scatter(out[:, n:]))  # (B, L, Dy), padding rows = proj_y bias
+
+
+class AsymmetricJointBlock(nn.Module):
+    """One joint block: scale-only modulation, joint attention, SwiGLU, each closed by a tanh-gated RMS norm.
+
+    The last block (update_y=False) leaves the text stream alone, but its text keys and values still serve attention.
+    """
+
+    def __init__(self, cfg: DiTConfig, update_y: bool):
+        super().__init__()
+        self.update_y = update_y
+        self.mod_x = nn.Linear(cfg.dim_x, 4 * cfg.dim_x)
+        self.mod_y = nn.Linear(cfg.dim_x, (4 if update_y else 1) * cfg.dim_y)
+        self.attn = AsymmetricAttention(cfg, update_y)
+        self.mlp_x = FeedForward(cfg.dim_x, cfg.mlp_hidden_x)
+        self.mlp_y = FeedForward(cfg.dim_y, cfg.mlp_hidden_y) if update_y else None
+
+    def forward(self, x, y, c_act, rope, packing: TextPacking, backend: str = "sdpa"):
+        """x (B, N, Dx), y (B, L, Dy), c_act = silu(c) (B, Dx) -> updated x, y."""
+        scale_msa_x, gate_msa_x, scale_mlp_x, gate_mlp_x = self.mod_x(c_act).chunk(4, dim=-1)  # (B, Dx) each
+        mod_y = self.mod_y(c_act)  # (B, 4 Dy), or (B, Dy) in the last block
+        scale_msa_y = mod_y if not self.update_y else mod_y.chunk(4, dim=-1)[0]
+
+        x_attn, y_attn = self.attn(
+            modulated_rms_norm(x, scale_msa_x), modulated_rms_norm(y, scale_msa_y), rope, packing, backend
+        )
+        x = residual_gated_rms_norm(x, x_attn, gate_msa_x)  # (B, N, Dx)
+        x = residual_gated_rms_norm(x, self.mlp_x(modulated_rms_norm(x, scale_mlp_x)), gate_mlp_x)
+        if self.update_y:
+            _, gate_msa_y, scale_mlp_y, gate_mlp_y = mod_y.chunk(4, dim=-1)  # (B, Dy) each
+            y = residual_gated_rms_norm(y, y_attn, gate_msa_y)  # (B, L, Dy)
+            y = residual_gated_rms_norm(y, self.mlp_y(modulated_rms_norm(y, scale_mlp_y)), gate_mlp_y)
+        return x, y
+
+
+class AsymmDiT(nn.Module):
+    """The Mochi DiT: `dit(latents, sigma, text_features, text_mask)` -> velocity, all in DiT latent space."""
+
+    def __init__(self, cfg: DiTConfig, attention_backend: str = "sdpa"):
+        super().__init__()
+        self.cfg = cfg
+        self.attention_backend = check_backend(attention_backend)
+        p = cfg.patch_size
+        self.x_embedder = nn.Module()
+        self.x_embedder.proj = nn.Conv2d(cfg.in_channels, cfg.dim_x, kernel_size=p, stride=p)
+        self.t_embedder = TimestepEmbedder(cfg.dim_x, cfg.timestep_freq_dim)
+        self.t5_y_embedder = AttentionPool(cfg.text_dim, cfg.pool_heads, cfg.dim_x)
+        self.t5_yproj = nn.Linear(cfg.text_dim, cfg.dim_y)
+        self.pos_frequencies = nn.Parameter(torch.zeros(3, cfg.num_heads, cfg.head_dim // 2))
+        self.blocks = nn.ModuleList(AsymmetricJointBlock(cfg, update_y=i < cfg.depth - 1) for i in range(cfg.depth))
+        self.final_layer = FinalLayer(cfg.dim_x, p * p * cfg.in_channels)
+
+    def fp32_parameter_names(self) -> list[str]:
+        """Parameters kept in fp32 whatever the compute dtype: RoPE frequencies and QK-norm weights."""
+        return [n for n, _ in self.named_parameters() if n == "pos_frequencies" or "_norm_" in n]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.t5_yproj.weight.dtype
+
+    def forward(
+        self,
+        latents: torch.Tensor,
+        sigma: torch.Tensor | float,
+        text_features: torch.Tensor,
+        text_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """latents (B, C, T, H, W), sigma (B,) in [0, 1], text (B, L, Dt) + mask (B, L) -> velocity (B, C, T, H, W) fp32."""
+        b, _, t, h, w = self._check_inputs(latents, text_features, text_mask)
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=latents.device).expand(b)
+        if text_mask is None:
+            text_mask = torch.ones(text_features.shape[:2], dtype=torch.bool, device=latents.device)
+        p, dtype = self.cfg.patch_size, self.dtype
+        rows, cols = h // p, w // p
+
+        frames = rearrange(latents.to(dtype), "b c t h w -> (b t) c h w")
+        x = rearrange(self.x_embedder.proj(frames), "(b t) d h w -> b (t h w) d", b=b)  # (B, N, Dx)
+        c = self.t_embedder(sigma) + self.t5_y_embedder(text_features, text_mask)  # (B, Dx)
+        c_act = F.silu(c)
+        y = self.t5_yproj(text_features.to(dtype))  # (B, L, Dy)
+        positions = rope_positions(t, rows, cols).to(latents.device)  # (N, 3)
+        rope = rope_cos_sin(self.pos_frequencies, positions)  # (N, H, d/2) each, fp32
+        packing = TextPacking.from_mask(text_mask)
+
+        for block in self.blocks:
+            x, y = block(x, y, c_act, rope, packing, self.attention_backend)  # (B, N, Dx), (B, L, Dy)
+
+        x = self.final_layer(x, c_act)  # (B, N, p*p*C)
+        v = rearrange(x, "b (t h w) (p1 p2 c) -> b c t (h p1) (w p2)", t=t, h=rows, w=cols, p1=p, p2=p)
+        return v.float()  # (B, C, T, H, W)
+
+    def _check_inputs(self, latents, text_features, text_mask):
+        cfg = self.cfg
+        if latents.ndim != 5 or latents.shape[1] != cfg.in_channels:
+            raise ValueError(f"latents must be (B, {cfg.in_channels}, T, H, W); got {tuple(latents.shape)}")
+        b, _, t, h, w = latents.shape
+        if h % cfg.patch_size or w % cfg.patch_size:
+            raise ValueError(
+                f"latent height and width must be multiples of the patch size {cfg.patch_size} (pixel sizes "
+                f"multiples of {8 * cfg.patch_size}); got latent {h}x{w}"
+            )
+        if text_features.ndim != 3 or text_features.shape[0] != b or text_features.shape[2] != cfg.text_dim:
+            raise ValueError(
+                f"text_features must be ({b}, L, {cfg.text_dim}); got {tuple(text_features.shape)}"
+            )
+        if text_mask is not None and tuple(text_mask.shape) != tuple(text_features.shape[:2]):
+            raise ValueError(f"text_mask must be {tuple(text_features.shape[:2])}; got {tuple(text_mask.shape)}")
+        return b, cfg.in_channels, t, h, w
+
+
+def init_weights(model: AsymmDiT, std: float = 0.02, generator: torch.Generator | None = None) -> AsymmDiT:
+    """Random weights for a freshly built model (tests, training from scratch): the one place weights are initialised."""
+    for name, param in model.named_parameters():
+        with torch.no_grad():
+            if "_norm_" in name:
+                param.fill_(1.0)
+            elif name == "pos_frequencies":
+                # Spread frequencies over a useful range of wavelengths, random per head and axis.
+                param.copy_(torch.rand(param.shape, generator=generator) * 0.5)
+            elif name.endswith("bias"):
+                param.zero_()
+            else:
+                param.normal_(0.0, std, generator=generator)
+    return model

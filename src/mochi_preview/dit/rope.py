@@ -1,0 +1,45 @@
+"""Learned, mixed 3D rotary embedding: per-head frequencies mixing the (t, h, w) axes, interleaved rotation."""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import torch
+
+
+def _bin_centers(n: int, scale: float) -> torch.Tensor:
+    """Centers of n equal bins over [-n*scale/2, n*scale/2], built as the reference does (fp32 linspace, CPU)."""
+    half = n * scale / 2.0
+    edges = torch.linspace(-half, half, n + 1, dtype=torch.float32)
+    return (edges[:-1] + edges[1:]) / 2
+
+
+@lru_cache(maxsize=8)
+def rope_positions(frames: int, rows: int, cols: int, target_area: float = 36864.0) -> torch.Tensor:
+    """(N, 3) fp32 positions (t, h, w) in token order; spatial axes rescaled so rows * cols covers `target_area`.
+
+    The frame index is used as it is; rows and columns become bin centers at spacing sqrt(192^2 / (rows*cols)).
+    Cached per grid and built on the CPU: callers move it to their device.
+    """
+    scale = math.sqrt(target_area / (rows * cols))
+    t = torch.arange(frames, dtype=torch.float32)
+    h = _bin_centers(rows, scale)
+    w = _bin_centers(cols, scale)
+    grid = torch.stack(torch.meshgrid(t, h, w, indexing="ij"), dim=-1)  # (T, pH, pW, 3)
+    return grid.reshape(-1, 3)
+
+
+def rope_cos_sin(freqs: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Angles theta[n, h, f] = sum_d pos[n, d] * freqs[d, h, f] in fp32 -> (cos, sin), each (N, heads, head_dim/2)."""
+    theta = torch.einsum("nd,dhf->nhf", positions.float(), freqs.float())
+    return theta.cos(), theta.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (2f, 2f+1) of x (B, heads, N, head_dim) by per-token, per-head angles; fp32 math."""
+    x32 = x.float().unflatten(-1, (-1, 2))  # (B, H, N, F, 2)
+    x0, x1 = x32.unbind(-1)
+    cos, sin = cos.transpose(0, 1), sin.transpose(0, 1)  # (H, N, F)
+    out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)
+    return out.flatten(-2).to(x.dtype)

@@ -1,0 +1,163 @@
+"""Writing and reading MP4s (H.264, yuv420p, 30 fps like the reference) without ever leaving a half-written file."""
+
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import av
+import numpy as np
+
+
+def _as_array(frames: Any) -> np.ndarray | list:
+    """Frames as one (T, H, W, 3) array or a list of (H, W, 3) arrays, validated but not yet converted to uint8."""
+    if hasattr(frames, "detach"):  # torch tensor; bf16 has no numpy dtype, so go through float32
+        frames = frames.detach().cpu()
+        frames = (frames if frames.dtype.is_floating_point is False else frames.float()).numpy()
+    if isinstance(frames, np.ndarray):
+        if frames.ndim != 4:
+            hint = " (for a batch (B, T, H, W, 3) pass one video, e.g. frames[0])" if frames.ndim == 5 else ""
+            raise ValueError(f"frames must be (T, H, W, 3); got shape {frames.shape}{hint}")
+        seq = list(frames)
+    elif isinstance(frames, Sequence):
+        seq = [np.asarray(f.convert("RGB")) if hasattr(f, "convert") else np.asarray(f) for f in frames]  # PIL
+    else:
+        raise TypeError(f"frames must be a numpy array, torch tensor or list of images; got {type(frames).__name__}")
+    if not seq:
+        raise ValueError("no frames to write: the frame list is empty")
+    first = seq[0]
+    if first.ndim != 3 or first.shape[-1] != 3:
+        raise ValueError(f"each frame must be (H, W, 3) RGB, channels last; got {first.shape}")
+    height, width = first.shape[:2]
+    if height % 2 or width % 2:
+        raise ValueError(f"H.264 yuv420p needs an even width and height; got {width}x{height} (crop or pad by 1 px)")
+    for i, f in enumerate(seq):
+        if f.shape != first.shape:
+            raise ValueError(f"frame {i} has shape {f.shape}, frame 0 has {first.shape}: all frames must match")
+        if f.dtype != np.uint8 and not np.issubdtype(f.dtype, np.floating):
+            raise TypeError(f"frames must be uint8 (0-255) or float (0-1); got {f.dtype}")
+        if f.dtype != np.uint8 and not np.isfinite(f).all():
+            raise ValueError(f"frame {i} contains NaN or infinite values")
+    return seq
+
+
+def _to_uint8(frame: np.ndarray) -> np.ndarray:
+    """One (H, W, 3) frame as contiguous uint8: floats are clipped to [0, 1], ×255 and truncated, like the reference."""
+    if frame.dtype != np.uint8:
+        frame = (np.clip(frame, 0.0, 1.0) * 255).astype(np.uint8)
+    return np.ascontiguousarray(frame)
+
+
+def _publish(tmp: Path, path: Path) -> None:
+    """Move a finished temporary file to `path`, never replacing an existing file."""
+    try:
+        os.link(tmp, path)  # atomic and fails if `path` exists
+    except FileExistsError:
+        raise FileExistsError(f"{path} already exists; not overwriting it") from None
+    except OSError:  # no hard links on this filesystem: a checked rename (a tiny race window remains)
+        if path.exists():
+            raise FileExistsError(f"{path} already exists; not overwriting it") from None
+        os.rename(tmp, path)
+
+
+def _write_atomic(path: str | Path, write) -> Path:
+    """Call `write(tmp_path)` on a hidden temporary file next to `path`, then publish it; clean up on any failure."""
+    path = Path(path)
+    if path.exists():  # fail before doing the work
+        raise FileExistsError(f"{path} already exists; not overwriting it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.partial-{os.getpid()}-")
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:  # flush to disk before the file becomes visible under its real name
+            os.fsync(f.fileno())
+        _publish(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # after a link the real name keeps the data; after an error nothing is left
+    return path
+
+
+def export_to_video(
+    frames: Any, path: str | Path, fps: float = 30, metadata: dict | None = None, crf: float | None = None
+) -> Path:
+    """Write frames as H.264/yuv420p MP4; never overwrites `path` and never leaves a partial file.
+
+    frames: numpy array or torch tensor (T, H, W, 3), or a list of (H, W, 3) arrays or PIL images; uint8 (0-255) or
+    float (0-1, clipped). metadata: a JSON-able dict stored as JSON in the MP4 "comment" tag (read back by read_video).
+    crf: x264 quality (lower is better); None keeps x264's default 23, like the reference's moviepy writer.
+    """
+    if not (isinstance(fps, int | float | Fraction) and math.isfinite(fps) and fps > 0):
+        raise ValueError(f"fps must be a positive number; got {fps!r}")
+    seq = _as_array(frames)
+    comment = json.dumps(metadata, default=_json_default) if metadata is not None else None
+    height, width = seq[0].shape[:2]
+
+    def write(tmp: Path) -> None:
+        with av.open(str(tmp), mode="w", format="mp4", container_options={"movflags": "+faststart"}) as out:
+            if comment is not None:
+                out.metadata["comment"] = comment
+            options = {} if crf is None else {"crf": str(crf)}
+            stream = out.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001), options=options)
+            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+            for frame in seq:
+                out.mux(stream.encode(av.VideoFrame.from_ndarray(_to_uint8(frame), format="rgb24")))
+            out.mux(stream.encode(None))  # flush the encoder's delayed frames
+
+    return _write_atomic(path, write)
+
+
+def read_video(path: str | Path) -> tuple[np.ndarray, dict]:
+    """Decode a video to uint8 (T, H, W, 3) RGB frames plus info: fps, codec, pix_fmt, width, height, frames, metadata."""
+    with av.open(str(path)) as src:
+        stream = src.streams.video[0]
+        frames = np.stack([f.to_ndarray(format="rgb24") for f in src.decode(stream)])
+        tags = dict(src.metadata)
+        try:
+            metadata = json.loads(tags.get("comment", "{}"))
+        except json.JSONDecodeError:  # a comment that is not ours
+            metadata = {}
+        rate = stream.average_rate or stream.guessed_rate
+        info = {
+            "fps": float(rate) if rate else None,
+            "codec": stream.codec_context.name,
+            "pix_fmt": stream.codec_context.pix_fmt,
+            "width": stream.codec_context.width,
+            "height": stream.codec_context.height,
+            "frames": len(frames),
+            "metadata": metadata if isinstance(metadata, dict) else {},
+            "tags": tags,
+        }
+    return frames, info
+
+
+def new_output_path(out_dir: str | Path, prefix: str = "output", suffix: str = ".mp4") -> Path:
+    """A fresh `out_dir/<prefix>_<YYYYmmdd_HHMMSS>[_N]<suffix>` that does not exist yet; creates out_dir."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"{prefix}_{time.strftime('%Y%m%d_%H%M%S')}"
+    path, n = out_dir / f"{stem}{suffix}", 1
+    while path.exists():
+        path, n = out_dir / f"{stem}_{n}{suffix}", n + 1
+    return path
+
+
+def _json_default(obj: Any) -> Any:
+    """JSON for the values a run record holds: numpy/torch scalars and arrays, paths."""
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> Path:
+    """Write `obj` as indented JSON to `path` via a temporary file; never overwrites an existing file."""
+    text = json.dumps(obj, indent=2, ensure_ascii=False, default=_json_default) + "\n"  # fail before touching disk
+    return _write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))

@@ -1,0 +1,116 @@
+"""Tiny random T5 encoder + real sentencepiece tokenizer, saved in the folder layouts Mochi loads (no network)."""
+
+import io
+import shutil
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+# A small built-in English corpus: enough pieces for ordinary prompts, trained in well under a second.
+CORPUS = """\
+A hand with delicate fingers picks up a bright yellow lemon from a wooden bowl filled with lemons and sprigs of mint.
+The hand gently tosses the lemon up and catches it, showcasing its smooth texture against a peach-colored background.
+A beige string bag sits beside the bowl, adding a rustic touch to the scene.
+Additional lemons, one halved, are scattered around the base of the bowl.
+The even lighting enhances the vibrant colors and creates a fresh, inviting atmosphere.
+A cat sleeps on a sunny windowsill while the rain falls softly outside the old house.
+The quick brown fox jumps over the lazy dog near the river at sunset.
+Waves crash on the rocky shore as seagulls circle above a small fishing boat.
+A red car drives slowly through a snowy forest at night, its headlights glowing.
+Children laugh and play in a green park full of tall trees, flowers and birds.
+A close-up video of coffee being poured into a white cup, steam rising in the morning light.
+An astronaut walks on the surface of the moon, dust drifting behind every step.
+"""
+
+
+@lru_cache(maxsize=1)
+def spiece_model_bytes(vocab_size: int = 200) -> bytes:
+    """Train (once per session) a deterministic unigram sentencepiece model with T5's ids: pad 0, eos 1, unk 2."""
+    import sentencepiece as spm
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(CORPUS.splitlines() * 8),
+        model_writer=buf,
+        model_type="unigram",
+        vocab_size=vocab_size,
+        hard_vocab_limit=False,  # the corpus is small: take what it yields
+        character_coverage=1.0,
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,  # T5 has no BOS
+        pad_piece="<pad>",
+        eos_piece="</s>",
+        unk_piece="<unk>",
+        num_threads=1,  # determinism
+        minloglevel=2,
+    )
+    return buf.getvalue()
+
+
+def save_tiny_t5_tokenizer(folder: Path, tokenizer_json: bool = True) -> None:
+    """Write spiece.model (+ tokenizer.json and tokenizer_config.json when asked) like a T5 hub folder."""
+    from transformers import T5Tokenizer
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "spiece.model").write_bytes(spiece_model_bytes())
+    if tokenizer_json:
+        with tempfile.TemporaryDirectory() as tmp:
+            shutil.copy(folder / "spiece.model", tmp)
+            T5Tokenizer.from_pretrained(tmp, legacy=False, model_max_length=256).save_pretrained(folder)
+
+
+def tiny_vocab_size() -> int:
+    """Embedding rows of the tiny model: tokenizer size incl. T5's 100 sentinels, padded to 64 like T5's 32128."""
+    import sentencepiece as spm
+
+    n = spm.SentencePieceProcessor(model_proto=spiece_model_bytes()).get_piece_size() + 100
+    return -(-n // 64) * 64
+
+
+def save_tiny_t5(
+    folder: Path,
+    d_model: int = 64,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    d_ff: int = 128,
+    seed: int = 0,
+    tokenizer_json: bool = True,
+    with_tokenizer: bool = True,
+) -> None:
+    """Save a random T5 v1.1-style encoder (config.json + model.safetensors) and its tokenizer into `folder`."""
+    from transformers import T5Config, T5EncoderModel
+
+    folder = Path(folder)
+    config = T5Config(
+        vocab_size=tiny_vocab_size(),
+        d_model=d_model,
+        d_kv=d_model // num_heads,
+        d_ff=d_ff,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        feed_forward_proj="gated-gelu",  # T5 v1.1
+        tie_word_embeddings=False,
+        dropout_rate=0.0,
+    )
+    with torch.random.fork_rng(devices=[]):  # leave the caller's RNG stream alone
+        torch.manual_seed(seed)
+        model = T5EncoderModel(config).eval()
+        # HF's init leaves some weights at exactly 0/1; perturb everything so tests compare real numbers.
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.02)
+    model.save_pretrained(folder)
+    if with_tokenizer:
+        save_tiny_t5_tokenizer(folder, tokenizer_json=tokenizer_json)
+
+
+def save_tiny_t5_diffusers_layout(model_dir: Path, **kwargs) -> None:
+    """Write `model_dir/text_encoder/` (config + weights) and `model_dir/tokenizer/` like genmo/mochi-1-preview."""
+    model_dir = Path(model_dir)
+    save_tiny_t5(model_dir / "text_encoder", with_tokenizer=False, **kwargs)
+    save_tiny_t5_tokenizer(model_dir / "tokenizer", tokenizer_json=kwargs.get("tokenizer_json", True))
