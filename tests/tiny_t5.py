@@ -1,4 +1,4 @@
-"""Tiny random T5 encoder + real sentencepiece tokenizer, saved in the folder layouts Mochi loads (no network)."""
+"""Tiny random T5 encoder + real sentencepiece tokenizer in the folder layouts Mochi loads (no network)."""
 
 import io
 import shutil
@@ -10,8 +10,9 @@ import torch
 
 # A small built-in English corpus: enough pieces for ordinary prompts, trained in well under a second.
 CORPUS = """\
-A hand with delicate fingers picks up a bright yellow lemon from a wooden bowl filled with lemons and sprigs of mint.
-The hand gently tosses the lemon up and catches it, showcasing its smooth texture against a peach-colored background.
+A hand with delicate fingers picks up a bright yellow lemon from a wooden bowl filled with lemons.
+The hand gently tosses the lemon up and catches it, showcasing its smooth texture and sprigs of mint.
+The scene is set against a peach-colored background.
 A beige string bag sits beside the bowl, adding a rustic touch to the scene.
 Additional lemons, one halved, are scattered around the base of the bowl.
 The even lighting enhances the vibrant colors and creates a fresh, inviting atmosphere.
@@ -27,7 +28,7 @@ An astronaut walks on the surface of the moon, dust drifting behind every step.
 
 @lru_cache(maxsize=1)
 def spiece_model_bytes(vocab_size: int = 200) -> bytes:
-    """Train (once per session) a deterministic unigram sentencepiece model with T5's ids: pad 0, eos 1, unk 2."""
+    """Train (once per session) a deterministic unigram sentencepiece model with T5's pad 0, eos 1, unk 2."""
     import sentencepiece as spm
 
     buf = io.BytesIO()
@@ -65,7 +66,7 @@ def save_tiny_t5_tokenizer(folder: Path, tokenizer_json: bool = True) -> None:
 
 
 def tiny_vocab_size() -> int:
-    """Embedding rows of the tiny model: tokenizer size incl. T5's 100 sentinels, padded to 64 like T5's 32128."""
+    """Embedding rows: tokenizer size with T5's 100 sentinels, padded to a multiple of 64 (T5 has 32128)."""
     import sentencepiece as spm
 
     n = spm.SentencePieceProcessor(model_proto=spiece_model_bytes()).get_piece_size() + 100
@@ -82,7 +83,7 @@ def save_tiny_t5(
     tokenizer_json: bool = True,
     with_tokenizer: bool = True,
 ) -> None:
-    """Save a random T5 v1.1-style encoder (config.json + model.safetensors) and its tokenizer into `folder`."""
+    """Save a random T5 v1.1-style encoder (config.json, model.safetensors) and its tokenizer in `folder`."""
     from transformers import T5Config, T5EncoderModel
 
     folder = Path(folder)
@@ -110,7 +111,7 @@ def save_tiny_t5(
 
 
 def save_tiny_t5_diffusers_layout(model_dir: Path, **kwargs) -> None:
-    """Write `model_dir/text_encoder/` (config + weights) and `model_dir/tokenizer/` like genmo/mochi-1-preview."""
+    """Write `model_dir/text_encoder/` and `model_dir/tokenizer/`, as in genmo/mochi-1-preview."""
     model_dir = Path(model_dir)
     save_tiny_t5(model_dir / "text_encoder", with_tokenizer=False, **kwargs)
     save_tiny_t5_tokenizer(model_dir / "tokenizer", tokenizer_json=kwargs.get("tokenizer_json", True))

@@ -14,7 +14,7 @@ _DTYPE_KW = "dtype" if Version(transformers.__version__) >= Version("4.56") else
 
 
 def find_t5_folders(path: str | Path) -> tuple[Path, Path]:
-    """Return (model dir, tokenizer dir) of a diffusers-layout folder or a plain T5 folder, or raise naming the file."""
+    """(model dir, tokenizer dir) of a diffusers-layout or plain T5 folder; errors name the file expected."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"T5 folder not found: {path}")
@@ -30,18 +30,21 @@ def find_t5_folders(path: str | Path) -> tuple[Path, Path]:
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"T5 config not found: expected {model_dir / 'config.json'}")
     if not any((model_dir / f).is_file() for f in ("model.safetensors", "model.safetensors.index.json")):
-        expected = f"expected {model_dir / 'model.safetensors'} (or model.safetensors.index.json with its shards)"
+        expected = f"expected {model_dir / 'model.safetensors'} (or model.safetensors.index.json + shards)"
         bins = sorted(p.name for p in model_dir.glob("pytorch_model*.bin"))
         if bins:  # a pickle can run arbitrary code on load: refuse it rather than trust it
             raise FileNotFoundError(
-                f"T5 weights in {model_dir} are PyTorch pickles ({bins[0]}), which are not loaded; {expected}. "
-                "Convert them once, if you trust the file: python -c \"from transformers import T5EncoderModel; "
-                f"T5EncoderModel.from_pretrained('{model_dir}', use_safetensors=False).save_pretrained('{model_dir}')\""
-                " (or use the text_encoder/ + tokenizer/ folders of genmo/mochi-1-preview, which hold safetensors)"
+                f"T5 weights in {model_dir} are PyTorch pickles ({bins[0]}), which are not loaded; "
+                f"{expected}. If you trust the file, convert it once: python -c 'from transformers import "
+                f'T5EncoderModel as M; M.from_pretrained("{model_dir}", use_safetensors=False)'
+                f'.save_pretrained("{model_dir}")\' (or use the text_encoder/ and tokenizer/ folders of '
+                "genmo/mochi-1-preview, which hold safetensors)"
             )
         raise FileNotFoundError(f"T5 weights not found: {expected}")
     if not any((tok_dir / f).is_file() for f in ("spiece.model", "tokenizer.json")):
-        raise FileNotFoundError(f"T5 tokenizer not found: expected {tok_dir / 'spiece.model'} (or tokenizer.json)")
+        raise FileNotFoundError(
+            f"T5 tokenizer not found: expected {tok_dir / 'spiece.model'} or tokenizer.json"
+        )
     return model_dir, tok_dir
 
 
@@ -49,7 +52,8 @@ class TextEncoder:
     """T5 encoder + tokenizer; fp32 like the reference (no autocast), bf16 on request."""
 
     def __init__(self, model: T5EncoderModel, tokenizer: T5Tokenizer, max_length: int = MAX_LENGTH):
-        self.model, self.tokenizer, self.max_length = model.eval().requires_grad_(False), tokenizer, max_length
+        self.model: T5EncoderModel | None = model.eval().requires_grad_(False)
+        self.tokenizer, self.max_length = tokenizer, max_length
 
     @classmethod
     def from_folder(
@@ -59,9 +63,11 @@ class TextEncoder:
         device: str | torch.device = "cpu",
         max_length: int = MAX_LENGTH,
     ) -> "TextEncoder":
-        """Load from `path/text_encoder` + `path/tokenizer` (diffusers layout) or a plain T5 folder; safetensors only."""
+        """Load `path/text_encoder` + `path/tokenizer` (diffusers) or a plain T5 folder; safetensors only."""
         if dtype not in (torch.float32, torch.bfloat16):
-            raise ValueError(f"T5 runs in float32 (reference) or bfloat16, not {dtype}: T5 v1.1 overflows in float16")
+            raise ValueError(
+                f"T5 runs in float32 (reference) or bfloat16, not {dtype} (T5 v1.1 overflows in fp16)"
+            )
         model_dir, tok_dir = find_t5_folders(path)
         tokenizer = T5Tokenizer.from_pretrained(tok_dir, legacy=False)  # the reference's tokenizer settings
         model, info = T5EncoderModel.from_pretrained(
@@ -69,7 +75,9 @@ class TextEncoder:
         )
         # transformers would fill missing weights with random ones and only log it: a silently wrong encoder.
         if info["missing_keys"]:
-            raise ValueError(f"T5 weights in {model_dir} lack {sorted(info['missing_keys'])[:5]} (wrong file?)")
+            raise ValueError(
+                f"T5 weights in {model_dir} lack {sorted(info['missing_keys'])[:4]}: wrong file?"
+            )
         return cls(model.to(device), tokenizer, max_length)
 
     @property
@@ -89,14 +97,15 @@ class TextEncoder:
         return self.model
 
     def tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token ids (B, max_length) long and mask (B, max_length) bool; EOS appended, empty prompts fully masked."""
+        """Ids (B, max_length) long and mask (B, max_length) bool; EOS appended; "" fully masked."""
         if isinstance(prompts, str):
             raise TypeError("tokenize/encode take a list of prompts, not a single string")
         n = self.max_length
-        for i, ids in enumerate(self.tokenizer(list(prompts), verbose=False).input_ids):  # untruncated, to count
+        for i, ids in enumerate(self.tokenizer(list(prompts), verbose=False).input_ids):  # untruncated: count
             if len(ids) > n:
+                cut = len(ids) - n
                 warnings.warn(
-                    f"prompt {i} is {len(ids)} tokens; the last {len(ids) - n} were cut (T5 sees at most {n})",
+                    f"prompt {i} is {len(ids)} tokens; the last {cut} were cut (T5 sees at most {n})",
                     stacklevel=3,
                 )
         enc = self.tokenizer(
@@ -117,7 +126,7 @@ class TextEncoder:
 
     @torch.no_grad()  # not inference_mode: the features may feed a training graph (LoRA) as plain inputs
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Features (B, max_length, d_model) in the model dtype and mask (B, max_length) bool, on the model device."""
+        """Features (B, max_length, d_model) in the model dtype, mask (B, max_length) bool; on its device."""
         model = self._model()
         ids, mask = self.tokenize(prompts)
         ids, mask = ids.to(model.device), mask.to(model.device)

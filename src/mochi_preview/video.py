@@ -1,33 +1,41 @@
-"""Writing and reading MP4s (H.264, yuv420p, 30 fps like the reference) without ever leaving a half-written file."""
+"""Writing and reading MP4s (H.264, yuv420p, 30 fps like the reference); never leaving a half-written file."""
 
 import json
 import math
 import os
-import tempfile
+import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from fractions import Fraction
+from numbers import Real
 from pathlib import Path
 from typing import Any
 
 import av
 import numpy as np
 
+try:  # swscale's default YUV->RGB rounding reads ~1/255 too dark; these flags make read_video unbiased
+    from av.video.reformatter import Interpolation as _I
 
-def _as_array(frames: Any) -> np.ndarray | list:
-    """Frames as one (T, H, W, 3) array or a list of (H, W, 3) arrays, validated but not yet converted to uint8."""
+    _TO_RGB = {"interpolation": _I.BILINEAR | _I.ACCURATE_RND | _I.FULL_CHR_H_INT}
+except (ImportError, AttributeError):  # older PyAV
+    _TO_RGB = {}
+
+
+def _as_frames(frames: Any) -> list[np.ndarray]:
+    """Frames as a list of (H, W, 3) arrays, validated but not yet converted to uint8."""
     if hasattr(frames, "detach"):  # torch tensor; bf16 has no numpy dtype, so go through float32
         frames = frames.detach().cpu()
-        frames = (frames if frames.dtype.is_floating_point is False else frames.float()).numpy()
+        frames = (frames.float() if frames.dtype.is_floating_point else frames).numpy()
     if isinstance(frames, np.ndarray):
         if frames.ndim != 4:
             hint = " (for a batch (B, T, H, W, 3) pass one video, e.g. frames[0])" if frames.ndim == 5 else ""
             raise ValueError(f"frames must be (T, H, W, 3); got shape {frames.shape}{hint}")
         seq = list(frames)
-    elif isinstance(frames, Sequence):
-        seq = [np.asarray(f.convert("RGB")) if hasattr(f, "convert") else np.asarray(f) for f in frames]  # PIL
+    elif isinstance(frames, Sequence) and not isinstance(frames, str | bytes):
+        seq = [np.asarray(f.convert("RGB") if hasattr(f, "convert") else f) for f in frames]  # PIL or arrays
     else:
-        raise TypeError(f"frames must be a numpy array, torch tensor or list of images; got {type(frames).__name__}")
+        raise TypeError(f"frames must be an array, a tensor or a list of images; got {type(frames).__name__}")
     if not seq:
         raise ValueError("no frames to write: the frame list is empty")
     first = seq[0]
@@ -35,10 +43,12 @@ def _as_array(frames: Any) -> np.ndarray | list:
         raise ValueError(f"each frame must be (H, W, 3) RGB, channels last; got {first.shape}")
     height, width = first.shape[:2]
     if height % 2 or width % 2:
-        raise ValueError(f"H.264 yuv420p needs an even width and height; got {width}x{height} (crop or pad by 1 px)")
+        raise ValueError(
+            f"H.264 yuv420p needs an even width and height; got {width}x{height} (crop or pad 1 px)"
+        )
     for i, f in enumerate(seq):
         if f.shape != first.shape:
-            raise ValueError(f"frame {i} has shape {f.shape}, frame 0 has {first.shape}: all frames must match")
+            raise ValueError(f"frame {i} has shape {f.shape} but frame 0 has {first.shape}: sizes must match")
         if f.dtype != np.uint8 and not np.issubdtype(f.dtype, np.floating):
             raise TypeError(f"frames must be uint8 (0-255) or float (0-1); got {f.dtype}")
         if f.dtype != np.uint8 and not np.isfinite(f).all():
@@ -47,7 +57,7 @@ def _as_array(frames: Any) -> np.ndarray | list:
 
 
 def _to_uint8(frame: np.ndarray) -> np.ndarray:
-    """One (H, W, 3) frame as contiguous uint8: floats are clipped to [0, 1], ×255 and truncated, like the reference."""
+    """One frame as contiguous uint8; floats are clipped to [0, 1], x255 and truncated like the reference."""
     if frame.dtype != np.uint8:
         frame = (np.clip(frame, 0.0, 1.0) * 255).astype(np.uint8)
     return np.ascontiguousarray(frame)
@@ -65,22 +75,21 @@ def _publish(tmp: Path, path: Path) -> None:
         os.rename(tmp, path)
 
 
-def _write_atomic(path: str | Path, write) -> Path:
-    """Call `write(tmp_path)` on a hidden temporary file next to `path`, then publish it; clean up on any failure."""
+def _write_atomic(path: str | Path, write: Callable[[Path], object]) -> Path:
+    """Run `write(tmp)` on a hidden temporary file beside `path`, then publish it; clean up on any failure."""
     path = Path(path)
     if path.exists():  # fail before doing the work
         raise FileExistsError(f"{path} already exists; not overwriting it")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.partial-{os.getpid()}-")
-    os.close(fd)
-    tmp = Path(name)
+    tmp = path.parent / f".{path.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
+    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # unlike mkstemp, respects the umask
     try:
         write(tmp)
         with open(tmp, "rb+") as f:  # flush to disk before the file becomes visible under its real name
             os.fsync(f.fileno())
         _publish(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)  # after a link the real name keeps the data; after an error nothing is left
+        tmp.unlink(missing_ok=True)  # after the link `path` keeps the data; after an error nothing is left
     return path
 
 
@@ -89,13 +98,14 @@ def export_to_video(
 ) -> Path:
     """Write frames as H.264/yuv420p MP4; never overwrites `path` and never leaves a partial file.
 
-    frames: numpy array or torch tensor (T, H, W, 3), or a list of (H, W, 3) arrays or PIL images; uint8 (0-255) or
-    float (0-1, clipped). metadata: a JSON-able dict stored as JSON in the MP4 "comment" tag (read back by read_video).
-    crf: x264 quality (lower is better); None keeps x264's default 23, like the reference's moviepy writer.
+    frames: numpy array or torch tensor (T, H, W, 3), or a list of (H, W, 3) arrays or PIL images; uint8
+    (0-255) or float (0-1, clipped, then x255 and truncated like the reference).
+    metadata: a JSON-able dict, stored as JSON in the MP4 "comment" tag (read_video returns it).
+    crf: x264 quality, lower is better; None keeps x264's default (23), as the reference's moviepy writer did.
     """
-    if not (isinstance(fps, int | float | Fraction) and math.isfinite(fps) and fps > 0):
+    if not (isinstance(fps, Real) and math.isfinite(fps) and fps > 0):
         raise ValueError(f"fps must be a positive number; got {fps!r}")
-    seq = _as_array(frames)
+    seq = _as_frames(frames)
     comment = json.dumps(metadata, default=_json_default) if metadata is not None else None
     height, width = seq[0].shape[:2]
 
@@ -106,6 +116,8 @@ def export_to_video(
             options = {} if crf is None else {"crf": str(crf)}
             stream = out.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001), options=options)
             stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+            # swscale converts RGB with BT.601, limited range: tag it, or players may assume BT.709 for HD
+            stream.codec_context.colorspace, stream.codec_context.color_range = 6, 1  # SMPTE170M, MPEG (tv)
             for frame in seq:
                 out.mux(stream.encode(av.VideoFrame.from_ndarray(_to_uint8(frame), format="rgb24")))
             out.mux(stream.encode(None))  # flush the encoder's delayed frames
@@ -114,10 +126,12 @@ def export_to_video(
 
 
 def read_video(path: str | Path) -> tuple[np.ndarray, dict]:
-    """Decode a video to uint8 (T, H, W, 3) RGB frames plus info: fps, codec, pix_fmt, width, height, frames, metadata."""
+    """uint8 (T, H, W, 3) RGB frames and info: fps, codec, pix_fmt, width, height, frames, metadata, tags."""
     with av.open(str(path)) as src:
         stream = src.streams.video[0]
-        frames = np.stack([f.to_ndarray(format="rgb24") for f in src.decode(stream)])
+        frames = [f.to_ndarray(format="rgb24", **_TO_RGB) for f in src.decode(stream)]
+        shape = (stream.codec_context.height, stream.codec_context.width, 3)
+        frames = np.stack(frames) if frames else np.zeros((0, *shape), np.uint8)
         tags = dict(src.metadata)
         try:
             metadata = json.loads(tags.get("comment", "{}"))
@@ -159,5 +173,5 @@ def _json_default(obj: Any) -> Any:
 
 def write_json_atomic(path: str | Path, obj: Any) -> Path:
     """Write `obj` as indented JSON to `path` via a temporary file; never overwrites an existing file."""
-    text = json.dumps(obj, indent=2, ensure_ascii=False, default=_json_default) + "\n"  # fail before touching disk
+    text = json.dumps(obj, indent=2, ensure_ascii=False, default=_json_default) + "\n"  # fails before any I/O
     return _write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))

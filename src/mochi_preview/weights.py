@@ -183,13 +183,13 @@ def load_into_module(
 ) -> nn.Module:
     """Fill `module` (which may live on the meta device) from `files` through `layout`, strictly.
 
+    Keys the layout does not list are read under their own name.
+
     Each tensor is read from the memory map, cast to `dtype` (or fp32 for names in `fp32_names`) and moved to
     `device` before the next is read. Missing, unexpected and mis-shaped tensors are reported by name.
     """
     expected = dict(module.state_dict(keep_vars=True))
-    missing_native = sorted(set(expected) - set(layout))
-    if missing_native:
-        raise CheckpointError(f"{what}: the layout has no rule for {_few(missing_native)}")
+    layout = {name: layout.get(name, Recipe((name,))) for name in expected}  # unlisted keys keep their name
     needed_sources = {k for name in expected for k in layout[name].sources}
     missing = sorted(k for k in needed_sources if k not in files)
     unexpected = sorted(set(files.keys()) - needed_sources)
@@ -202,7 +202,7 @@ def load_into_module(
         raise CheckpointError(
             f"{what} does not match the model: " + "; ".join(parts) + ". Is this the right file for this model?"
         )
-    shapes = native_shapes(files, {n: layout[n] for n in expected})
+    shapes = native_shapes(files, layout)
     for name, param in expected.items():
         if shapes[name] != param.shape:
             raise CheckpointError(

@@ -1,0 +1,111 @@
+"""Loading DiT checkpoints in every layout, and the errors for files that cannot be loaded."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from dit_fixtures import save_diffusers_transformer, text_inputs
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from mochi_preview import load_dit
+from mochi_preview.dit import save_dit_native
+from mochi_preview.weights import CheckpointError
+
+
+@pytest.fixture(scope="module")
+def native(tmp_path_factory):
+    root = tmp_path_factory.mktemp("native")
+    folder = save_diffusers_transformer(root, seed=11)
+    return save_dit_native(root / "dit.safetensors", folder)
+
+
+@pytest.fixture(scope="module")
+def state(native):
+    with safe_open(str(native), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def outputs(model):
+    feats, mask = text_inputs(1)
+    with torch.no_grad():
+        return model(torch.ones(1, 12, 2, 4, 4), 0.5, feats, mask)
+
+
+def test_comfyui_prefix_and_model_folder(tmp_path, native, state):
+    reference = outputs(load_dit(native, dtype=torch.float32))
+    save_file({f"model.diffusion_model.{k}": v for k, v in state.items()}, str(tmp_path / "comfy.safetensors"))
+    torch.testing.assert_close(outputs(load_dit(tmp_path / "comfy.safetensors", dtype=torch.float32)), reference)
+    # A model folder holding dit.safetensors resolves to it.
+    assert torch.equal(outputs(load_dit(native.parent, dtype=torch.float32)), reference)
+
+
+def test_sharded_diffusers_folder(tmp_path, native):
+    folder = save_diffusers_transformer(tmp_path, seed=11, max_shard_size="1MB")
+    assert len(list(folder.glob("*.safetensors"))) > 1 and list(folder.glob("*.index.json"))
+    sharded = load_dit(tmp_path, dtype=torch.float32).state_dict()
+    single = load_dit(native, dtype=torch.float32).state_dict()
+    assert sharded.keys() == single.keys() and all(torch.equal(sharded[k], single[k]) for k in single)
+
+
+def test_bf16_file_and_dtype_policy(tmp_path, native):
+    bf16 = save_dit_native(tmp_path / "dit_bf16.safetensors", native, dtype=torch.bfloat16)
+    with safe_open(str(bf16), "pt") as f:
+        assert f.get_tensor("blocks.0.mlp_x.w1.weight").dtype == torch.bfloat16
+        assert f.get_tensor("pos_frequencies").dtype == torch.float32
+        assert f.get_tensor("blocks.1.attn.k_norm_y.weight").dtype == torch.float32
+    model = load_dit(bf16, dtype=torch.float32)
+    assert model.blocks[0].mlp_x.w1.weight.dtype == torch.float32
+    ref = outputs(load_dit(native, dtype=torch.float32))
+    assert float((outputs(model) - ref).abs().max() / ref.abs().max()) < 2e-2
+
+
+def test_missing_tensors_are_named(tmp_path, state):
+    broken = {k: v for k, v in state.items() if not k.startswith("blocks.1.mlp_x")}
+    save_file(broken, str(tmp_path / "dit.safetensors"))
+    with pytest.raises(CheckpointError, match=r"2 missing tensors \(blocks\.1\.mlp_x\.w1\.weight"):
+        load_dit(tmp_path / "dit.safetensors")
+
+
+def test_unexpected_tensors_are_named(tmp_path, state):
+    save_file({**state, "extra.thing": torch.zeros(2)}, str(tmp_path / "dit.safetensors"))
+    with pytest.raises(CheckpointError, match=r"1 unexpected tensors \(extra\.thing\)"):
+        load_dit(tmp_path / "dit.safetensors")
+
+
+def test_shape_mismatch_names_tensor_and_shapes(tmp_path, state):
+    bad = dict(state)
+    bad["blocks.1.attn.proj_x.bias"] = torch.zeros(100)
+    save_file(bad, str(tmp_path / "dit.safetensors"))
+    with pytest.raises(CheckpointError, match=r"'blocks\.1\.attn\.proj_x\.bias' has shape \(100,\).*\(256,\)"):
+        load_dit(tmp_path / "dit.safetensors")
+
+
+def test_truncated_file(tmp_path, native):
+    data = native.read_bytes()
+    (tmp_path / "dit.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_dit(tmp_path / "dit.safetensors")
+
+
+def test_pickle_is_refused(tmp_path, state):
+    torch.save(state, tmp_path / "dit.pt")
+    with pytest.raises(CheckpointError, match="pickle.*refused"):
+        load_dit(tmp_path / "dit.pt")
+    # Even when it is named like a safetensors file.
+    (tmp_path / "dit.safetensors").write_bytes((tmp_path / "dit.pt").read_bytes())
+    with pytest.raises(CheckpointError, match="pickle.*refused"):
+        load_dit(tmp_path / "dit.safetensors")
+
+
+def test_folder_without_dit(tmp_path):
+    with pytest.raises(CheckpointError, match="expected dit.safetensors"):
+        load_dit(tmp_path)
+    with pytest.raises(CheckpointError, match="not found"):
+        load_dit(tmp_path / "nope.safetensors")
+
+
+def test_not_a_dit(tmp_path):
+    save_file({"encoder.weight": torch.zeros(2)}, str(tmp_path / "x.safetensors"))
+    with pytest.raises(CheckpointError, match="does not look like a Mochi DiT"):
+        load_dit(tmp_path / "x.safetensors")
