@@ -141,7 +141,9 @@ class TextEncoder:
 
     def unload(self) -> None:
         """Drop the T5 weights so their memory can be freed; the tokenizer stays."""
-        device, self.model = self.model.device if self.model is not None else None, None
+        if self.model is None:
+            return
+        device, self.model = self.model.device, None
         gc.collect()
-        if device is not None and device.type == "cuda":
+        if device.type == "cuda":
             torch.cuda.empty_cache()

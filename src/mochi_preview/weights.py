@@ -11,6 +11,9 @@ the native shapes without reading any data, which is how configs are inferred fr
 from __future__ import annotations
 
 import json
+import mmap
+import struct
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,26 +41,67 @@ def _describe_non_safetensors(path: Path) -> str | None:
     return None
 
 
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}  # fmt: skip
+
+
+class _MappedFile:
+    """One safetensors file, memory-mapped; pages are released after each read so RSS stays flat."""
+
+    def __init__(self, path: Path):
+        try:
+            with safe_open(str(path), framework="pt") as handle:  # the library validates header and coverage
+                names = list(handle.keys())
+        except SafetensorError as e:
+            raise CheckpointError(
+                f"{path} is not a readable safetensors file ({e}). It may be truncated (an interrupted "
+                f"download: {path.stat().st_size:,} bytes on disk) or corrupt; download it again."
+            ) from e
+        with open(path, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(header_len))
+            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        self.path, self._data_start = path, 8 + header_len
+        self.entries = {name: header[name] for name in names}
+
+    def shape(self, name: str) -> torch.Size:
+        return torch.Size(self.entries[name]["shape"])
+
+    def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """A fresh tensor (cast to `dtype` straight from the mapping), never a view of the file."""
+        entry = self.entries[name]
+        stored = _DTYPES.get(entry["dtype"])
+        if stored is None:
+            raise CheckpointError(f"{self.path}: tensor {name!r} has unsupported dtype {entry['dtype']}")
+        begin, end = (self._data_start + o for o in entry["data_offsets"])
+        with warnings.catch_warnings():  # the mapping is read-only; we only read from the view
+            warnings.simplefilter("ignore", UserWarning)
+            view = torch.frombuffer(self._map, dtype=stored, count=(end - begin) // stored.itemsize, offset=begin)
+        tensor = view.reshape(entry["shape"]).to(dtype or stored, copy=True)
+        del view
+        page = mmap.PAGESIZE
+        start = begin - begin % page
+        if hasattr(self._map, "madvise") and end > start:
+            self._map.madvise(mmap.MADV_DONTNEED, start, end - start)  # drop the file pages from our RSS
+        return tensor
+
+
 class SafetensorsFiles:
     """Read-only view of one or more safetensors files (a sharded checkpoint) as a single key space."""
 
     def __init__(self, paths: Iterable[str | Path], strip_prefix: str = ""):
-        self._handles = {}
+        self._files: dict[Path, _MappedFile] = {}
         self._where: dict[str, tuple[Path, str]] = {}  # key without prefix -> (file, key in file)
         for path in map(Path, paths):
             if not path.is_file():
                 raise CheckpointError(f"checkpoint file not found: {path}")
             if (problem := _describe_non_safetensors(path)) is not None:
                 raise CheckpointError(problem)
-            try:
-                handle = safe_open(str(path), framework="pt")
-            except SafetensorError as e:
-                raise CheckpointError(
-                    f"{path} is not a readable safetensors file ({e}). It may be truncated (an interrupted "
-                    f"download: {path.stat().st_size:,} bytes on disk) or corrupt; download it again."
-                ) from e
-            self._handles[path] = handle
-            for key in handle.keys():
+            mapped = self._files[path] = _MappedFile(path)
+            for key in mapped.entries:
                 name = key[len(strip_prefix) :] if strip_prefix and key.startswith(strip_prefix) else key
                 self._where[name] = (path, key)
 
@@ -69,21 +113,19 @@ class SafetensorsFiles:
 
     def shape(self, key: str) -> torch.Size:
         path, name = self._where[key]
-        return torch.Size(self._handles[path].get_slice(name).get_shape())
+        return self._files[path].shape(name)
 
     def meta(self, key: str) -> torch.Tensor:
         """A meta tensor with the stored shape: for shape arithmetic without reading data."""
         return torch.empty(self.shape(key), device="meta")
 
-    def get(self, key: str) -> torch.Tensor:
+    def get(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The tensor, in `dtype` if given (cast while reading: no full-precision copy is kept)."""
         path, name = self._where[key]
-        try:
-            return self._handles[path].get_tensor(name)
-        except SafetensorError as e:
-            raise CheckpointError(f"cannot read tensor {name!r} from {path}: {e}") from e
+        return self._files[path].read(name, dtype)
 
     def dtypes(self) -> set[str]:
-        return {self._handles[p].get_slice(k).get_dtype() for p, k in self._where.values()}
+        return {self._files[p].entries[k]["dtype"] for p, k in self._where.values()}
 
 
 def peek_keys(path: str | Path) -> list[str]:
@@ -138,8 +180,8 @@ class Recipe:
     sources: tuple[str, ...]
     combine: Callable[..., torch.Tensor] | None = None  # None: the single source as it is
 
-    def build(self, read: Callable[[str], torch.Tensor]) -> torch.Tensor:
-        tensors = [read(k) for k in self.sources]
+    def build(self, read: Callable[..., torch.Tensor], dtype: torch.dtype | None = None) -> torch.Tensor:
+        tensors = [read(k, dtype) if dtype is not None else read(k) for k in self.sources]
         return tensors[0] if self.combine is None else self.combine(*tensors)
 
 
@@ -214,6 +256,6 @@ def load_into_module(
     state = {}
     for name in expected:
         target = torch.float32 if name in fp32_names else dtype
-        state[name] = layout[name].build(files.get).to(device=device, dtype=target)
+        state[name] = layout[name].build(files.get, target).to(device)
     module.load_state_dict(state, strict=True, assign=True)
     return module

@@ -1,0 +1,162 @@
+"""Building blocks of the AsymmVAE: causal 3D convolution, per-frame group norm, residual block, causal temporal
+attention and depth-to-space-time.
+
+Modules that carry state along time take an optional `cache`: a dict that maps each such module to what it needs
+from earlier chunks of the same stream (a convolution's last input frames, attention keys and values, whether the
+stream has started). Feeding a video in successive time chunks with one shared dict gives the same result as feeding
+it whole; `cache=None` means "the whole video at once".
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+Cache = dict[nn.Module, object]
+
+GROUP_NORM_CHUNK = 2**24  # elements normalized at once (64 MiB in fp32), so the fp32 copy stays small
+
+
+class CausalConv3d(nn.Conv3d):
+    """Conv3d padded in time with k_t - 1 copies of the first frame in front, and replicate-padded in space."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1):
+        super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=0, bias=True)
+
+    def forward(self, x: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
+        kt, kh, kw = self.kernel_size
+        pt, ph, pw = kt - 1, (kh - 1) // 2, (kw - 1) // 2
+        if pt or ph or pw:
+            # One replicate pad of all three axes equals time-then-space padding (every padded frame is a copy).
+            x = F.pad(x, (pw, pw, ph, ph, pt, 0), mode="replicate")  # (B, C, pt + T, H + 2ph, W + 2pw)
+        if cache is not None and pt:
+            if self in cache:
+                x[:, :, :pt] = cache[self]  # the previous chunk's last frames replace the replicated ones
+            cache[self] = x[:, :, -pt:].clone()
+        return F.conv3d(x, self.weight, self.bias, self.stride)
+
+
+class GroupNormSpatial(nn.GroupNorm):
+    """GroupNorm over each frame on its own (never over time), computed in fp32 and stored in the input dtype."""
+
+    def __init__(self, num_channels: int, num_groups: int = 32):
+        super().__init__(num_groups, num_channels, eps=1e-5, affine=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, T, H, W)
+        b, c, t, h, w = x.shape
+        out = torch.empty_like(x)
+        step = max(1, GROUP_NORM_CHUNK // (b * c * h * w))
+        weight, bias = self.weight.float(), self.bias.float()
+        for t0 in range(0, t, step):
+            frames = rearrange(x[:, :, t0 : t0 + step], "b c t h w -> (b t) c h w").float()
+            frames = F.group_norm(frames, self.num_groups, weight, bias, self.eps)
+            out[:, :, t0 : t0 + step] = rearrange(frames, "(b t) c h w -> b c t h w", b=b)
+        return out
+
+
+class Conv1x1(nn.Linear):
+    """A linear map over the channel axis of (B, C, T, H, W); weight [out, in] like nn.Linear."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, T, H, W)
+        b, _, t, h, w = x.shape
+        y = torch.matmul(self.weight, x.reshape(b, -1, t * h * w))  # (B, C_out, T*H*W), no channel-last copies
+        if self.bias is not None:
+            y += self.bias[:, None]
+        return y.view(b, -1, t, h, w)
+
+
+class CausalTemporalAttention(nn.Module):
+    """Causal self-attention along time at each pixel, with L2-normalized queries and keys and no positions."""
+
+    def __init__(self, dim: int, head_dim: int = 32):
+        super().__init__()
+        self.head_dim = head_dim
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.out = nn.Linear(dim, dim, bias=True)
+
+    def forward(self, x: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:  # (B, C, T, H, W)
+        b, c, t, h, w = x.shape
+        x = rearrange(x, "b c t h w -> (b h w) t c")
+        qkv = self.qkv(x)  # (N, T, 3C), laid out [q | k | v], heads slowest within each
+        if t == 1 and cache is None:
+            y = qkv[..., 2 * c :]  # attention over a single key returns its value
+        else:
+            q, k, v = rearrange(qkv, "n t (three heads d) -> three n heads t d", three=3, d=self.head_dim)
+            q = F.normalize(q.float(), dim=-1, eps=1e-12).to(qkv.dtype)
+            k = F.normalize(k.float(), dim=-1, eps=1e-12).to(qkv.dtype)
+            mask = None
+            if cache is not None:
+                if self in cache:  # queries follow the cached keys: query i sees keys up to len(past) + i
+                    past_k, past_v = cache[self]
+                    k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
+                    mask = torch.ones(t, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - t)
+                cache[self] = (k, v)
+            # Chunks of 2^15 sequences: larger batches exceed CUDA launch limits (same result).
+            y = torch.cat(
+                [
+                    F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, is_causal=mask is None)
+                    for qs, ks, vs in zip(q.split(2**15), k.split(2**15), v.split(2**15))
+                ]
+            )
+            y = rearrange(y, "n heads t d -> n t (heads d)")
+        y = self.out(y)
+        return rearrange(y, "(b h w) t c -> b c t h w", b=b, h=h, w=w)
+
+
+class AttentionBlock(nn.Module):
+    """x + causal temporal attention of the group-normalized x."""
+
+    def __init__(self, dim: int, head_dim: int = 32):
+        super().__init__()
+        self.norm = GroupNormSpatial(dim)
+        self.attn = CausalTemporalAttention(dim, head_dim)
+
+    def forward(self, x: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:  # (B, C, T, H, W)
+        return x + self.attn(self.norm(x), cache)
+
+
+class ResBlock(nn.Module):
+    """x + [GN, SiLU, causal 3x3x3 conv, GN, SiLU, causal 3x3x3 conv](x), then optional attention."""
+
+    def __init__(self, dim: int, attention: bool = False, head_dim: int = 32):
+        super().__init__()
+        # Indices match the native keys: stack.0 / stack.3 are the norms, stack.2 / stack.5 the convolutions.
+        self.stack = nn.Sequential(
+            GroupNormSpatial(dim),
+            nn.SiLU(inplace=True),  # in place on the norm's fresh output: one activation-sized buffer fewer
+            CausalConv3d(dim, dim, 3),
+            GroupNormSpatial(dim),
+            nn.SiLU(inplace=True),
+            CausalConv3d(dim, dim, 3),
+        )
+        self.attn_block = AttentionBlock(dim, head_dim) if attention else None
+
+    def forward(self, x: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:  # (B, C, T, H, W)
+        norm1, act1, conv1, norm2, act2, conv2 = self.stack
+        h = conv1(act1(norm1(x)), cache)
+        h = conv2(act2(norm2(h)), cache)
+        h += x  # in place on the conv's fresh output (autograd-safe: a conv does not keep its output)
+        if self.attn_block is not None:
+            h = self.attn_block(h, cache)
+        return h
+
+
+class DepthToSpaceTime(nn.Module):
+    """(B, C*st*s*s, T, H, W) -> (B, C, T*st, H*s, W*s), then drop the first st - 1 frames of the video."""
+
+    def __init__(self, temporal: int, spatial: int):
+        super().__init__()
+        self.temporal, self.spatial = temporal, spatial
+
+    def forward(self, x: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
+        st, s = self.temporal, self.spatial
+        x = rearrange(x, "b (c st sh sw) t h w -> b c (t st) (h sh) (w sw)", st=st, sh=s, sw=s)
+        first_chunk = cache is None or self not in cache
+        if cache is not None:
+            cache[self] = True  # the stream has started: later chunks keep all their frames
+        if first_chunk and st > 1:
+            # Sub-frames before latent frame 0 are not part of the video (causal: frame 0 stands alone).
+            x = x[:, :, st - 1 :]
+        return x
