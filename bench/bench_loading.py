@@ -86,9 +86,8 @@ def main() -> None:
     ref_time = rows[-1][1]["seconds"]
     for name, r in rows:
         ratio = (r["peak_rss"] - base["peak_rss"]) / model_bytes
-        print(
-            f"{name:32s} {r['seconds']:8.2f} {r['peak_rss'] / 2**30:13.2f} {ratio:16.2f} {r['seconds'] / ref_time:17.2f}"
-        )
+        rss, speed = r["peak_rss"] / 2**30, r["seconds"] / ref_time
+        print(f"{name:32s} {r['seconds']:8.2f} {rss:13.2f} {ratio:16.2f} {speed:17.2f}")
 
 
 if __name__ == "__main__":

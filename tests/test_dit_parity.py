@@ -73,6 +73,9 @@ def test_native_file_from_diffusers_has_native_keys(setup):
     with safe_open(str(native), "pt") as f:
         keys = set(f.keys())
         assert f.get_slice("blocks.0.attn.qkv_x.weight").get_shape() == [768, 256]
-        assert f.get_slice("blocks.2.mod_y.weight").get_shape() == [128, 256]  # the last block: scale_msa_y only
+        assert f.get_slice("blocks.2.mod_y.weight").get_shape() == [
+            128,
+            256,
+        ]  # the last block: scale_msa_y only
     assert "blocks.2.attn.proj_y.weight" not in keys and "blocks.2.mlp_y.w1.weight" not in keys
     assert "blocks.2.attn.qkv_y.weight" in keys  # the last block's text still supplies keys and values

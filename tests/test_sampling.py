@@ -53,7 +53,8 @@ def test_schedule_rejects_bad_arguments(kwargs, message):
 
 
 @pytest.mark.parametrize(
-    "sigmas, message", [([1.0], "at least 2"), ([1.0, 0.5, 0.6, 0.0], "decreasing"), ([1.2, 0.0], r"\[0, 1\]")]
+    "sigmas, message",
+    [([1.0], "at least 2"), ([1.0, 0.5, 0.6, 0.0], "decreasing"), ([1.2, 0.0], r"\[0, 1\]")],
 )
 def test_custom_sigmas_are_checked(sigmas, message):
     with pytest.raises(ValueError, match=message):

@@ -104,9 +104,12 @@ def denoise(
     uncond: tuple[torch.Tensor, torch.Tensor] | None = None,
     guidance: float | Sequence[float] = 4.5,
     batch_cfg: bool = False,
-    callback: Callable[[int, float, torch.Tensor], None] | None = None,
+    callback: Callable[[int, float, torch.Tensor], torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
-    """Euler integration of the flow from sigmas[0] to sigmas[-1]; `guidance` is a scale or one scale per step."""
+    """Euler integration of the flow from sigmas[0] to sigmas[-1]; `guidance` is a scale or one scale per step.
+
+    `callback(step, sigma_next, z)` runs after each step; a tensor it returns replaces z.
+    """
     sigmas = check_sigmas(sigmas)
     steps = len(sigmas) - 1
     scales = [float(guidance)] * steps if isinstance(guidance, (int, float)) else [float(g) for g in guidance]
@@ -116,6 +119,6 @@ def denoise(
     for i in range(steps):
         v = cfg_velocity(model, z, sigmas[i], cond, uncond, scales[i], batch_cfg)
         z = z + (sigmas[i] - sigmas[i + 1]) * v  # the step size is a float64 difference, applied to fp32
-        if callback is not None:
-            callback(i, sigmas[i + 1], z)
+        if callback is not None and (replaced := callback(i, sigmas[i + 1], z)) is not None:
+            z = replaced.float()
     return z

@@ -74,7 +74,12 @@ def check_backend(name: str) -> str:
 
 
 def joint_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_visual: int, packing: TextPacking, backend: str = "sdpa"
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    num_visual: int,
+    packing: TextPacking,
+    backend: str = "sdpa",
 ) -> torch.Tensor:
     """Non-causal attention over [visual; packed text] tokens: q, k, v (B, H, N + Lp, d) -> (B, H, N + Lp, d)."""
     if backend == "sdpa":

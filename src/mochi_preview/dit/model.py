@@ -157,7 +157,7 @@ class AsymmDiT(nn.Module):
         text_features: torch.Tensor,
         text_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """latents (B, C, T, H, W), sigma (B,) in [0, 1], text (B, L, Dt) + mask (B, L) -> velocity (B, C, T, H, W) fp32."""
+        """latents (B, C, T, H, W), sigma (B,) in [0, 1], text (B, L, Dt), mask (B, L) -> velocity (B, C, T, H, W)."""
         b, _, t, h, w = self._check_inputs(latents, text_features, text_mask)
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=latents.device).expand(b)
         if text_mask is None:
@@ -192,16 +192,14 @@ class AsymmDiT(nn.Module):
                 f"multiples of {8 * cfg.patch_size}); got latent {h}x{w}"
             )
         if text_features.ndim != 3 or text_features.shape[0] != b or text_features.shape[2] != cfg.text_dim:
-            raise ValueError(
-                f"text_features must be ({b}, L, {cfg.text_dim}); got {tuple(text_features.shape)}"
-            )
+            raise ValueError(f"text_features must be ({b}, L, {cfg.text_dim}); got {tuple(text_features.shape)}")
         if text_mask is not None and tuple(text_mask.shape) != tuple(text_features.shape[:2]):
             raise ValueError(f"text_mask must be {tuple(text_features.shape[:2])}; got {tuple(text_mask.shape)}")
         return b, cfg.in_channels, t, h, w
 
 
 def init_weights(model: AsymmDiT, std: float = 0.02, generator: torch.Generator | None = None) -> AsymmDiT:
-    """Random weights for a freshly built model (tests, training from scratch): the one place weights are initialised."""
+    """Random weights for a fresh model (tests, training from scratch): the one place weights are initialised."""
     for name, param in model.named_parameters():
         with torch.no_grad():
             if "_norm_" in name:

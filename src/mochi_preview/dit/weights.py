@@ -51,7 +51,7 @@ def diffusers_layout(keys: list[str]) -> dict[str, Recipe]:
     for i in range(depth):
         n, d = f"blocks.{i}.", f"transformer_blocks.{i}."
         last = i == depth - 1
-        qkv = lambda *names: Recipe(tuple(f"{d}attn1.{x}.weight" for x in names), concat_rows)
+        qkv = lambda *names, d=d: Recipe(tuple(f"{d}attn1.{x}.weight" for x in names), concat_rows)
         layout |= {
             n + "attn.qkv_x.weight": qkv("to_q", "to_k", "to_v"),
             n + "attn.qkv_y.weight": qkv("add_q_proj", "add_k_proj", "add_v_proj"),
@@ -155,7 +155,13 @@ def load_dit(
     with torch.device("meta"):
         model = AsymmDiT(cfg, attention_backend=attention_backend)
     load_into_module(
-        model, files, layout, dtype, device, model.fp32_parameter_names(), what=f"DiT checkpoint {path} ({name})"
+        model,
+        files,
+        layout,
+        dtype,
+        device,
+        model.fp32_parameter_names(),
+        what=f"DiT checkpoint {path} ({name})",
     )
     return model.eval().requires_grad_(False)
 

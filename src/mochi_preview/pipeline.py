@@ -1,0 +1,367 @@
+"""MochiPipeline: prompt -> T5 -> Euler/CFG sampling with the DiT -> VAE decode -> frames.
+
+Memory modes: everything resident (default); `enable_model_cpu_offload()` keeps each component on the CPU and
+moves it to the device only while it runs; `enable_sequential_cpu_offload()` also streams the DiT's blocks to the
+device one at a time, so the DiT never has to fit at once; `enable_vae_tiling()` decodes in tiles and time chunks.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .dit import AsymmDiT, load_dit
+from .sampling import check_sigmas, denoise, get_noise, latent_shape, linear_quadratic_schedule
+from .text import TextEncoder
+from .vae import denormalize_latents, load_vae_decoder
+
+OUTPUT_TYPES = ("np", "pt", "pil", "latent")
+
+
+class NonFiniteLatentsError(RuntimeError):
+    """The sampler produced NaN or inf: nothing is decoded or written."""
+
+
+class DeviceMemoryError(RuntimeError):
+    """The device ran out of memory; the message suggests the memory modes that would fit."""
+
+
+def _nearest(value: int, multiple: int, offset: int = 0, minimum: int = 1) -> list[int]:
+    """The valid values (multiple * k + offset, at least `minimum`) just below and above `value`."""
+    below = (value - offset) // multiple * multiple + offset
+    return sorted({v for v in (below, below + multiple) if v >= minimum}) or [minimum]
+
+
+def check_video_size(num_frames: int, height: int, width: int) -> None:
+    """Mochi makes 6k + 1 frames of multiples of 16 pixels; anything else is refused with the nearest valid values."""
+    problems = []
+    if num_frames < 1 or (num_frames - 1) % 6:
+        near = _nearest(num_frames, 6, offset=1)
+        problems.append(f"num_frames={num_frames} is not of the form 6k+1 (nearest valid: {near})")
+    for name, v in (("height", height), ("width", width)):
+        if v < 16 or v % 16:
+            near = _nearest(v, 16, minimum=16)
+            problems.append(f"{name}={v} is not a multiple of 16 of at least 16 (nearest valid: {near})")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def check_sampling(num_inference_steps: int, guidance_scale: float | Sequence[float]) -> None:
+    if not 1 <= num_inference_steps <= 1000:
+        raise ValueError(f"num_inference_steps must be between 1 and 1000; got {num_inference_steps}")
+    scales = [guidance_scale] if isinstance(guidance_scale, (int, float)) else list(guidance_scale)
+    if any(not (0.0 <= float(g) <= 50.0) or math.isnan(float(g)) for g in scales):
+        raise ValueError(f"guidance_scale must lie in [0, 50] (1 = no guidance; 4.5-6 typical); got {guidance_scale}")
+
+
+@dataclass
+class MochiOutput:
+    """Videos: `frames[0]` is the first video ((T, H, W, 3) floats in [0, 1] for output_type="np")."""
+
+    frames: object
+    timings: dict[str, float] = field(default_factory=dict)
+    peak_memory: dict[str, int] = field(default_factory=dict)
+
+
+def _stream_blocks(blocks: nn.ModuleList, device: torch.device) -> list:
+    """Move each block to `device` just before it runs and back to the CPU right after."""
+
+    def load(module, args):
+        module.to(device)
+
+    def unload(module, args, output):
+        module.to("cpu")
+
+    return [h for b in blocks for h in (b.register_forward_pre_hook(load), b.register_forward_hook(unload))]
+
+
+class MochiPipeline:
+    """Text-to-video with Mochi 1: `pipe(prompt, num_frames=31).frames[0]`."""
+
+    def __init__(
+        self,
+        dit: AsymmDiT,
+        decoder: nn.Module,
+        text_encoder: TextEncoder,
+        device: str | torch.device | None = None,
+        sources: dict | None = None,
+    ):
+        self.dit, self.decoder, self.text_encoder = dit, decoder, text_encoder
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.sources = sources or {}  # the files each component came from (recorded in output sidecars)
+        self.offload = "none"  # "none" | "model" | "sequential"
+        self.vae_options: dict = {"mode": "auto"}
+        self._hooks: list = []
+        self._place()
+
+    # ---- loading -------------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        torch_dtype: torch.dtype = torch.bfloat16,
+        device: str | torch.device | None = None,
+        text_encoder_path: str | Path | None = None,
+        text_encoder_dtype: torch.dtype = torch.float32,
+        vae_dtype: torch.dtype | None = None,
+        attention_backend: str = "sdpa",
+    ) -> MochiPipeline:
+        """Load from a native folder (dit/decoder.safetensors + a T5 folder), a diffusers folder, or a Hub repo id
+        already in the local Hugging Face cache. Components load on the CPU, then move to `device`."""
+        folder = resolve_model_dir(path)
+        t5_dir = Path(text_encoder_path) if text_encoder_path else find_text_encoder_dir(folder)
+        dit = load_dit(folder, dtype=torch_dtype, attention_backend=attention_backend)
+        decoder = load_vae_decoder(folder, dtype=vae_dtype or torch_dtype)
+        text = TextEncoder.from_folder(t5_dir, dtype=text_encoder_dtype)
+        sources = {"model_dir": str(folder), "text_encoder": str(t5_dir)}
+        return cls(dit, decoder, text, device=device, sources=sources)
+
+    # ---- memory modes --------------------------------------------------------------------------------------
+
+    def enable_model_cpu_offload(self, device: str | torch.device | None = None) -> MochiPipeline:
+        """Keep every component on the CPU; each moves to the device only while it runs."""
+        return self._set_offload("model", device)
+
+    def enable_sequential_cpu_offload(self, device: str | torch.device | None = None) -> MochiPipeline:
+        """Like model offload, and the DiT's blocks stream to the device one by one (the DiT never fits at once)."""
+        return self._set_offload("sequential", device)
+
+    def disable_cpu_offload(self) -> MochiPipeline:
+        return self._set_offload("none", None)
+
+    def enable_vae_tiling(self, **options) -> MochiPipeline:
+        """Decode in spatial tiles and time chunks (options: those of the decoder's tiled mode)."""
+        self.vae_options = {"mode": "tiled", **options}
+        return self
+
+    def disable_vae_tiling(self) -> MochiPipeline:
+        self.vae_options = {"mode": "full"}
+        return self
+
+    def free_text_encoder(self) -> None:
+        """Drop T5's weights (about 19 GB in fp32) once the prompts you need are encoded."""
+        self.text_encoder.unload()
+
+    def _set_offload(self, mode: str, device) -> MochiPipeline:
+        if device is not None:
+            self.device = torch.device(device)
+        for h in self._hooks:
+            h.remove()
+        self._hooks, self.offload = [], mode
+        self._place()
+        return self
+
+    def _place(self) -> None:
+        if self.offload == "none":
+            for part in (self.dit, self.decoder, self.text_encoder):
+                part.to(self.device)
+        else:
+            for part in (self.dit, self.decoder, self.text_encoder):
+                part.to("cpu")
+            if self.offload == "sequential":
+                self._hooks = _stream_blocks(self.dit.blocks, self.device)
+
+    @contextmanager
+    def _on_device(self, part):
+        """Run `part` on the device; in offload modes it goes back to the CPU afterwards."""
+        if self.offload == "none":
+            yield part
+            return
+        if part is self.dit and self.offload == "sequential":
+            # Only the small embedders and final layer move as a whole; blocks stream through their hooks.
+            for name, child in self.dit.named_children():
+                if name != "blocks":
+                    child.to(self.device)
+            self.dit.pos_frequencies.data = self.dit.pos_frequencies.data.to(self.device)
+        else:
+            part.to(self.device)
+        try:
+            yield part
+        finally:
+            part.to("cpu")
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    # ---- generation ----------------------------------------------------------------------------------------
+
+    def encode_prompt(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        with self._on_device(self.text_encoder) as t5:
+            feats, mask = t5.encode(prompts)
+        return feats.to(self.device), mask.to(self.device)
+
+    @torch.inference_mode()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] = "",
+        height: int = 480,
+        width: int = 848,
+        num_frames: int = 31,
+        num_inference_steps: int = 64,
+        guidance_scale: float | Sequence[float] = 6.0,
+        sigmas: Sequence[float] | None = None,
+        threshold_noise: float = 0.025,
+        linear_steps: int | None = None,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "np",
+        callback_on_step_end: Callable | None = None,
+        batch_cfg: bool = False,
+        progress: bool = True,
+    ) -> MochiOutput:
+        """Generate videos. `sigmas` overrides the linear-quadratic schedule; `guidance_scale` may be a list, one
+        value per step; initial noise comes from a CPU generator (`seed` or `generator`) so it is device-independent.
+        """
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+        if len(negatives) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(negatives)} negative prompts")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}; got {output_type!r}")
+        check_video_size(num_frames, height, width)
+        if sigmas is None:
+            check_sampling(num_inference_steps, guidance_scale)
+            sigmas = linear_quadratic_schedule(num_inference_steps, threshold_noise, linear_steps)
+        else:
+            sigmas = check_sigmas(sigmas)
+            check_sampling(len(sigmas) - 1, guidance_scale)
+        expected = (len(prompts), *latent_shape(num_frames, height, width, self.dit.cfg.in_channels))
+        if latents is None:
+            latents = get_noise(len(prompts), num_frames, height, width, seed=seed, generator=generator)
+        elif tuple(latents.shape) != expected:
+            raise ValueError(f"latents must have shape {expected} for this request; got {tuple(latents.shape)}")
+
+        timings, peaks = {}, {}
+        with self._stage("text", timings, peaks):
+            use_cfg = not (isinstance(guidance_scale, (int, float)) and guidance_scale == 1.0)
+            feats, mask = self.encode_prompt(prompts + negatives if use_cfg else prompts)
+            cond = (feats[: len(prompts)], mask[: len(prompts)])
+            uncond = (feats[len(prompts) :], mask[len(prompts) :]) if use_cfg else None
+
+        with self._stage("dit", timings, peaks), self._on_device(self.dit) as dit:
+            z = self._sample(dit, latents.to(self.device), sigmas, cond, uncond, guidance_scale, batch_cfg,
+                             callback_on_step_end, progress)  # fmt: skip
+        if output_type == "latent":
+            return MochiOutput(frames=z, timings=timings, peak_memory=peaks)
+
+        with self._stage("vae", timings, peaks), self._on_device(self.decoder) as decoder:
+            video = decoder(denormalize_latents(z), **self.vae_options)  # (B, 3, T, H, W), about [-1, 1]
+        frames = ((video.float() + 1.0) / 2.0).clamp(0.0, 1.0).permute(0, 2, 3, 4, 1)  # (B, T, H, W, 3)
+        return MochiOutput(frames=_convert(frames, output_type), timings=timings, peak_memory=peaks)
+
+    def _sample(self, dit, z, sigmas, cond, uncond, guidance, batch_cfg, callback, progress) -> torch.Tensor:
+        """The sampler loop with a progress bar, a NaN/inf guard and the user's per-step callback."""
+        steps = len(sigmas) - 1
+        bar = tqdm(total=steps, desc="sampling", unit="step", disable=not progress)
+
+        def on_step(i: int, sigma: float, z: torch.Tensor) -> torch.Tensor | None:
+            bar.update()
+            if not torch.isfinite(z).all():
+                raise NonFiniteLatentsError(
+                    f"the latents became NaN or inf at step {i + 1} of {steps} (sigma {sigma:.4f}); no video was "
+                    "written. Check the weights' dtype (T5 in fp16 overflows), or lower the guidance scale."
+                )
+            out = callback(self, i, sigma, {"latents": z}) if callback is not None else None
+            return out.get("latents") if isinstance(out, dict) else None
+
+        with bar:
+            return denoise(dit, z, sigmas, cond, uncond, guidance, batch_cfg, callback=on_step)
+
+    @contextmanager
+    def _stage(self, name: str, timings: dict, peaks: dict):
+        """Time a stage and record the device's peak memory during it; turn device OOM into advice."""
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        start = time.perf_counter()
+        try:
+            yield
+        except torch.OutOfMemoryError as e:
+            raise DeviceMemoryError(self._oom_advice(name)) from e
+        timings[name] = time.perf_counter() - start
+        peaks[name] = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else _peak_rss()
+
+    def _oom_advice(self, stage: str) -> str:
+        tips = []
+        if self.offload == "none":
+            tips.append("enable_model_cpu_offload() (--cpu_offload)")
+        if self.offload != "sequential":
+            tips.append("enable_sequential_cpu_offload() (--sequential_offload)")
+        if stage == "vae" and self.vae_options.get("mode") != "tiled":
+            tips.append("enable_vae_tiling() (--vae_tiling on)")
+        if stage == "dit":
+            tips.append("fewer frames or a smaller size, or batch_cfg=False")
+        return f"out of device memory during the {stage} stage; nothing was written. Try: " + "; ".join(tips)
+
+
+def _peak_rss() -> int:
+    """This process's peak resident memory in bytes (Linux), or 0 where unknown."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _convert(frames: torch.Tensor, output_type: str):
+    """(B, T, H, W, 3) floats in [0, 1] -> the requested output type."""
+    if output_type == "pt":
+        return frames.permute(0, 1, 4, 2, 3).cpu()  # (B, T, 3, H, W), as diffusers
+    array = frames.cpu().numpy().astype(np.float32)
+    if output_type == "np":
+        return array
+    from PIL import Image
+
+    return [[Image.fromarray((f * 255).astype(np.uint8)) for f in video] for video in array]
+
+
+# ---- model folders -----------------------------------------------------------------------------------------
+
+
+def resolve_model_dir(path: str | Path) -> Path:
+    """A local folder as it is; an `org/name` Hub id through the local Hugging Face cache (no download)."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        return p
+    if p.exists():
+        raise FileNotFoundError(
+            f"{p} is a file; expected a model folder (dit.safetensors + decoder.safetensors, "
+            "or a diffusers folder with transformer/, vae/, text_encoder/, tokenizer/)"
+        )
+    if str(path).count("/") == 1 and not str(path).startswith((".", "/", "~")):
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+
+        try:
+            return Path(snapshot_download(str(path), local_files_only=True))
+        except LocalEntryNotFoundError as e:
+            raise FileNotFoundError(
+                f"{path} is not a local folder and not in the local Hugging Face cache; download it first "
+                f"(`huggingface-cli download {path}`) or pass the folder that holds the weights"
+            ) from e
+    raise FileNotFoundError(f"model folder not found: {p}")
+
+
+def find_text_encoder_dir(folder: Path) -> Path:
+    """The T5 inside a model folder: diffusers' text_encoder/ + tokenizer/, or a t5/ subfolder (native layout)."""
+    for candidate in (folder, folder / "t5", folder / "t5-v1_1-xxl"):
+        if (candidate / "text_encoder").is_dir() or (candidate is not folder and (candidate / "config.json").is_file()):
+            return candidate
+    raise FileNotFoundError(
+        f"no T5 text encoder in {folder}: expected {folder / 'text_encoder'} and {folder / 'tokenizer'} "
+        f"(diffusers layout) or {folder / 't5'} (a google/t5-v1_1-xxl download); or pass its folder with "
+        "--t5_dir / text_encoder_path="
+    )

@@ -1,0 +1,280 @@
+"""Decoding modes: full, temporal streaming, spatial tiling (combinable with streaming) and an automatic choice.
+
+* full: the network on the whole latent at once.
+* streaming: latent frames go through in chunks; each causal convolution keeps its last k_t - 1 input frames in a
+  cache and uses them as the next chunk's front padding, and depth-to-space-time drops its st - 1 frames on the first
+  chunk only. This is the same computation as the full decode (equal within float rounding), with activation memory
+  proportional to the chunk instead of the video.
+* tiled: overlapping latent tiles (any number along each axis, every neighbouring pair sharing `overlap` latent
+  pixels) are decoded on their own and cross-faded linearly over the shared region (weights k/(n+1) and
+  1 - k/(n+1) across the n = overlap * 8 shared output pixels, which sum to 1), so there is no seam. Each tile sees
+  the whole time axis, or streams through it when `frames_per_chunk` is given.
+* auto: the least tiling whose estimated peak memory fits a budget (by default 80% of the free memory of the device),
+  preferring exact streaming over spatial tiles, and the largest chunk that fits.
+
+Memory estimate (`estimate_decode_bytes`), per tile and chunk, in bytes of the compute dtype, with X the size of
+the activation (B, C, T, H, W) at a level:
+* a ResBlock peaks at RESBLOCK_FACTOR * X (the input kept for the residual, the normalized input, its padded copy,
+  the convolution output and the convolution's own workspace), an attention block at ATTENTION_FACTOR * X;
+* an upsampling block at X + 2 * Y, with Y its output (the projection, then the depth-to-space copy);
+* streaming adds the caches (two padded frames per convolution, keys and values of all frames per attention);
+* on top come the float32 output video and two float32 copies of a decoded tile chunk (the cross-fade).
+The factors were measured on CPU (oneDNN convolutions, fp32) and rounded up; see bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .model import Decoder, DecoderConfig
+
+RESBLOCK_FACTOR = 5.0
+ATTENTION_FACTOR = 8.0
+DEFAULT_BUDGET_FRACTION = 0.8
+MODES = ("auto", "full", "streaming", "tiled")
+
+
+@dataclass(frozen=True)
+class DecodePlan:
+    """How to decode: latent frames per chunk (None: all at once), tiles along (height, width), overlap."""
+
+    frames_per_chunk: int | None
+    tiles: tuple[int, int]
+    overlap: int
+    estimated_bytes: int
+
+
+def decode(
+    decoder: Decoder,
+    z: torch.Tensor,
+    mode: str = "auto",
+    *,
+    frames_per_chunk: int | None = None,
+    tiles: tuple[int, int] | None = None,
+    overlap: int = 8,
+    memory_budget: int | None = None,
+) -> torch.Tensor:
+    """Raw VAE-space latents (B, 12, T, H, W) -> float32 video (B, 3, 6T - 5, 8H, 8W), before any clamping.
+
+    mode "full": all at once. "streaming": `frames_per_chunk` latent frames at a time (default 1), equal to full.
+    "tiled": `tiles` = (rows, cols) overlapping by `overlap` latent pixels, streamed if `frames_per_chunk` is set.
+    "auto": chosen by `plan_decode` for `memory_budget` bytes (default: 80% of the device's free memory).
+    """
+    cfg = decoder.config
+    check_latents(z, cfg)
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+    if memory_budget is not None and mode != "auto":
+        raise ValueError(f"memory_budget only applies to mode 'auto', not {mode!r}")
+    if mode == "full":
+        if frames_per_chunk is not None or tiles is not None:
+            raise ValueError("mode 'full' takes no frames_per_chunk or tiles; use 'streaming' or 'tiled'")
+        plan = DecodePlan(None, (1, 1), overlap, 0)
+    elif mode == "streaming":
+        if tiles is not None:
+            raise ValueError("mode 'streaming' takes no tiles; use mode 'tiled' with frames_per_chunk to combine")
+        plan = DecodePlan(frames_per_chunk or 1, (1, 1), overlap, 0)
+    elif mode == "tiled":
+        if tiles is None:
+            raise ValueError("mode 'tiled' needs tiles=(rows, cols), e.g. tiles=(2, 4)")
+        plan = DecodePlan(frames_per_chunk, tuple(tiles), overlap, 0)
+    else:
+        if frames_per_chunk is not None or tiles is not None:
+            raise ValueError("mode 'auto' chooses frames_per_chunk and tiles; pass a memory_budget instead")
+        device = decoder.output_proj.weight.device
+        budget = memory_budget if memory_budget is not None else int(DEFAULT_BUDGET_FRACTION * free_memory(device))
+        plan = plan_decode(cfg, tuple(z.shape), decoder.output_proj.weight.dtype, budget, overlap)
+    return run_plan(decoder, z, plan)
+
+
+def check_latents(z: torch.Tensor, cfg: DecoderConfig) -> None:
+    if z.ndim != 5 or z.shape[1] != cfg.latent_dim or min(z.shape[2:]) < 1:
+        raise ValueError(
+            f"the decoder takes raw VAE latents shaped (B, {cfg.latent_dim}, T, H, W) with T, H, W >= 1 "
+            f"(denormalize DiT latents first); got shape {tuple(z.shape)}"
+        )
+
+
+def run_plan(decoder: Decoder, z: torch.Tensor, plan: DecodePlan) -> torch.Tensor:
+    """Decode tile by tile, each tile chunk by chunk, cross-fading tiles into one float32 output."""
+    cfg = decoder.config
+    b, _, t, h, w = z.shape
+    s = cfg.spatial_factor
+    if plan.frames_per_chunk is not None and plan.frames_per_chunk < 1:
+        raise ValueError(f"frames_per_chunk must be at least 1, not {plan.frames_per_chunk}")
+    rows = tile_spans(h, plan.tiles[0], plan.overlap, "height")
+    cols = tile_spans(w, plan.tiles[1], plan.overlap, "width")
+    device = decoder.output_proj.weight.device
+    video = torch.zeros(b, cfg.out_channels, cfg.num_frames(t), h * s, w * s, device=device)
+    step = plan.frames_per_chunk or t
+    for (h0, h1), ramp_h in zip(rows, blend_ramps(rows, s, plan.overlap, device)):
+        for (w0, w1), ramp_w in zip(cols, blend_ramps(cols, s, plan.overlap, device)):
+            weight = ramp_h[:, None] * ramp_w[None, :]  # (h_tile * s, w_tile * s)
+            cache = {} if plan.frames_per_chunk is not None else None
+            f0 = 0
+            for t0 in range(0, t, step):
+                x = decoder.forward_chunk(z[:, :, t0 : t0 + step, h0:h1, w0:w1].to(device), cache)
+                f1 = f0 + x.shape[2]
+                video[:, :, f0:f1, h0 * s : h1 * s, w0 * s : w1 * s].addcmul_(x, weight)  # (B, 3, f, h, w)
+                f0 = f1
+    return video
+
+
+def tile_spans(length: int, count: int, overlap: int, axis: str = "axis") -> list[tuple[int, int]]:
+    """`count` tiles covering [0, length) whose neighbours share exactly `overlap` positions, sizes within 1."""
+    if count < 1 or overlap < 0:
+        raise ValueError(f"tiles along {axis} must be >= 1 and overlap >= 0; got {count} tiles, overlap {overlap}")
+    if count == 1:
+        return [(0, length)]
+    size, extra = divmod(length + (count - 1) * overlap, count)
+    spans, start = [], 0
+    for i in range(count):
+        end = start + size + (i < extra)
+        spans.append((start, end))
+        start = end - overlap
+    # A middle tile fades in and out over `overlap` each; edge tiles only once.
+    needed = [overlap * ((i > 0) + (i < count - 1)) for i in range(count)]
+    if any(e - s0 < max(n, 1) for (s0, e), n in zip(spans, needed)) or spans[-1][1] != length:
+        raise ValueError(
+            f"{count} tiles with overlap {overlap} do not fit a {axis} of {length} latent pixels: every tile must "
+            f"be at least twice the overlap; use fewer tiles or a smaller overlap"
+        )
+    return spans
+
+
+def blend_ramps(spans: list[tuple[int, int]], scale: int, overlap: int, device) -> list[torch.Tensor]:
+    """Per tile, output-pixel weights along one axis: 1 inside, linear fades over the shared regions."""
+    n = overlap * scale
+    fade_in = torch.arange(1, n + 1, dtype=torch.float32, device=device) / (n + 1)
+    ramps = []
+    for i, (start, end) in enumerate(spans):
+        ramp = torch.ones((end - start) * scale, device=device)
+        if i > 0 and n:
+            ramp[:n] = fade_in
+        if i < len(spans) - 1 and n:
+            ramp[-n:] = 1 - fade_in
+        ramps.append(ramp)
+    return ramps
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Memory estimate and automatic plan
+
+
+def estimate_decode_bytes(
+    cfg: DecoderConfig,
+    batch: int,
+    frames: int,
+    height: int,
+    width: int,
+    dtype: torch.dtype,
+    streaming: bool,
+    total_frames: int | None = None,
+) -> int:
+    """Estimated peak activation bytes to decode one (chunk of a) tile of `frames` x `height` x `width` latents.
+
+    Excludes the weights and the output video. `total_frames` (latent) sizes the attention caches when streaming.
+    """
+    e = torch.empty((), dtype=dtype).element_size()
+    t, h, w = frames, height, width
+    peak, caches = 0.0, 0.0
+    widths = cfg.channels[::-1]  # latent side first
+    blocks = cfg.num_res_blocks[::-1]
+    attention = cfg.has_attention[::-1]
+    stages = list(zip(cfg.temporal_expansions[::-1], cfg.spatial_expansions[::-1])) + [None]
+    total_t = total_frames or frames
+    for c, n, attn, stage in zip((widths[0], *widths), blocks, attention, stages):
+        x = batch * c * (t + 2) * (h + 2) * (w + 2) * e  # padded activation at this level
+        if n:
+            peak = max(peak, (ATTENTION_FACTOR if attn else RESBLOCK_FACTOR) * x)
+        if streaming:
+            caches += n * 2 * batch * c * 2 * (h + 2) * (w + 2) * e
+            if attn:
+                caches += n * 2 * batch * c * total_t * h * w * e
+        if stage is not None:
+            st, s = stage
+            c_next = widths[widths.index(c) + 1] if widths.index(c) + 1 < len(widths) else c
+            t = t * st if streaming else (t - 1) * st + 1
+            total_t = (total_t - 1) * st + 1
+            h, w = h * s, w * s
+            y = batch * c_next * t * h * w * e
+            peak = max(peak, x + 2 * y)
+    tile_out = 2 * batch * cfg.out_channels * t * h * w * 4
+    return int(peak + caches + tile_out)
+
+
+def output_bytes(cfg: DecoderConfig, shape: tuple[int, ...]) -> int:
+    b, _, t, h, w = shape
+    return 4 * b * cfg.out_channels * cfg.num_frames(t) * h * w * cfg.spatial_factor**2
+
+
+def plan_decode(
+    cfg: DecoderConfig, shape: tuple[int, ...], dtype: torch.dtype, budget: int, overlap: int = 8
+) -> DecodePlan:
+    """The least tiling that fits `budget` bytes (activations and output video), then the largest chunk."""
+    b, _, t, h, w = shape
+    video = output_bytes(cfg, shape)
+
+    def cost(chunk: int | None, grid: tuple[int, int]) -> int:
+        th = max(e - s for s, e in tile_spans(h, grid[0], overlap))
+        tw = max(e - s for s, e in tile_spans(w, grid[1], overlap))
+        return video + estimate_decode_bytes(cfg, b, chunk or t, th, tw, dtype, chunk is not None, t)
+
+    grids = []
+    for rows in range(1, h + 1):
+        for cols in range(1, w + 1):
+            try:
+                area = max(e - s for s, e in tile_spans(h, rows, overlap)) * max(
+                    e - s for s, e in tile_spans(w, cols, overlap)
+                )
+            except ValueError:
+                continue
+            grids.append((rows * cols, area, (rows, cols)))
+    grids.sort()
+    smallest = min(grids, key=lambda g: cost(1, g[2]))[2]
+    if cost(1, smallest) > budget:
+        need = cost(1, smallest)
+        raise MemoryError(
+            f"a memory budget of {budget / 2**30:.2f} GiB is too small to decode latents {tuple(shape)}: the "
+            f"smallest plan ({smallest[0]}x{smallest[1]} tiles with overlap {overlap}, 1 latent frame per chunk) "
+            f"needs about {need / 2**30:.2f} GiB, of which {video / 2**30:.2f} GiB is the output video. Free memory, "
+            f"decode fewer frames, or lower the overlap."
+        )
+    for _, _, grid in grids:
+        if cost(1, grid) > budget:
+            continue
+        if cost(None, grid) <= budget:
+            return DecodePlan(None, grid, overlap, cost(None, grid))
+        lo, hi = 1, t  # largest chunk that fits: cost grows with the chunk
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if cost(mid, grid) <= budget else (lo, mid - 1)
+        return DecodePlan(lo, grid, overlap, cost(lo, grid))
+    raise AssertionError("unreachable: the smallest plan fits")
+
+
+def free_memory(device: torch.device | str) -> int:
+    """Bytes that can still be allocated on `device` (CUDA: free plus the allocator's cached blocks)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    try:
+        import psutil
+
+        return psutil.virtual_memory().available
+    except ImportError:
+        pass
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    if hasattr(os, "sysconf") and "SC_AVPHYS_PAGES" in os.sysconf_names:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    raise RuntimeError("cannot read the free memory of this machine; pass memory_budget (bytes) to the decoder")

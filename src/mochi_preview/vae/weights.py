@@ -1,0 +1,337 @@
+"""Loading the VAE decoder and encoder from native files or a diffusers `vae/` folder, shape inferred from tensors.
+
+Accepted `path`s: a `decoder.safetensors` / `encoder.safetensors` file (native keys, optionally prefixed with
+`decoder.` / `encoder.`), a model folder holding them, a diffusers `vae/` folder (`AutoencoderKLMochi`, both halves
+in one file), or a model folder holding `vae/`. Weights may be fp32 or bf16; they are cast tensor by tensor to the
+requested dtype, except the group norms' affine parameters, which stay fp32 (the norms compute in fp32).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..weights import (
+    CheckpointError,
+    Recipe,
+    SafetensorsFiles,
+    concat_rows,
+    identity_layout,
+    load_into_module,
+    native_shapes,
+    open_checkpoint,
+)
+from .layers import GroupNormSpatial
+from .model import Decoder, DecoderConfig, Encoder, EncoderConfig
+
+NATIVE_MARKER = {"decoder": "blocks.0.0.weight", "encoder": "layers.0.weight"}
+DIFFUSERS_MARKER = {"decoder": "conv_in.weight", "encoder": "proj_in.weight"}
+
+
+class _PrefixView:
+    """The tensors of a checkpoint whose names start with `prefix`, named without it (one half of a diffusers VAE)."""
+
+    def __init__(self, files: SafetensorsFiles, prefix: str):
+        self.files, self.prefix = files, prefix
+        self._keys = [k[len(prefix) :] for k in files.keys() if k.startswith(prefix)]
+        self._key_set = set(self._keys)
+
+    def keys(self) -> list[str]:
+        return list(self._keys)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._key_set
+
+    def shape(self, key: str) -> torch.Size:
+        return self.files.shape(self.prefix + key)
+
+    def meta(self, key: str) -> torch.Tensor:
+        return self.files.meta(self.prefix + key)
+
+    def get(self, key: str) -> torch.Tensor:
+        return self.files.get(self.prefix + key)
+
+
+def open_vae_checkpoint(path: str | Path, part: str):
+    """Find and open the `part` ("decoder" or "encoder") weights under `path`.
+
+    Returns (files, layout, diffusers_config): `files` named without any `decoder.`/`encoder.` prefix, `layout`
+    mapping native key -> recipe over those names, and the diffusers config.json contents ({} for native files).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"VAE checkpoint not found: {path}")
+    if path.is_dir():
+        if (path / f"{part}.safetensors").is_file():
+            path = path / f"{part}.safetensors"
+        elif (path / "vae").is_dir():
+            path = path / "vae"
+        elif any((path / f"{name}.safetensors").is_file() for name in ("dit", "encoder", "decoder")):
+            raise CheckpointError(f"no {part}.safetensors in the model folder {path}")
+    config = {}
+    if path.is_dir() and (path / "config.json").is_file():
+        config = json.loads((path / "config.json").read_text())
+    files = open_checkpoint(path)
+    if any(k.startswith(f"{part}.") for k in files.keys()):
+        files = _PrefixView(files, f"{part}.")
+    if NATIVE_MARKER[part] in files:
+        return files, identity_layout(files.keys()), config
+    if DIFFUSERS_MARKER[part] in files:
+        return files, diffusers_layout(files.keys(), part), config
+    other = "encoder" if part == "decoder" else "decoder"
+    hint = ""
+    if NATIVE_MARKER[other] in files or any(k.startswith(f"{other}.") for k in files.keys()):
+        hint = f" It looks like a VAE {other}."
+    sample = ", ".join(sorted(files.keys())[:3])
+    raise CheckpointError(
+        f"{path} does not hold a Mochi VAE {part}: expected native keys such as {NATIVE_MARKER[part]!r} or "
+        f"diffusers keys such as '{part}.{DIFFUSERS_MARKER[part]}'; found keys like {sample}.{hint}"
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# diffusers AutoencoderKLMochi names -> native names
+
+_RESNET = {"norm1.norm_layer": "stack.0", "conv1.conv": "stack.2", "norm2.norm_layer": "stack.3", "conv2.conv": "stack.5"}
+_IN_BLOCK = re.compile(r"^(block_in|block_out|up_blocks\.(\d+)|down_blocks\.(\d+))\.(resnets|attentions|norms)\.(\d+)\.(.+)$")
+
+
+def _count(keys, pattern: str) -> int:
+    return len({m.group(1) for k in keys if (m := re.match(pattern, k))})
+
+
+def diffusers_layout(keys: list[str], part: str) -> dict[str, Recipe]:
+    """Native key -> recipe over diffusers keys (without the part prefix); unknown keys keep their own name."""
+    n_in = _count(keys, r"^block_in\.resnets\.(\d+)\.")
+    n_blocks = _count(keys, r"^(?:up|down)_blocks\.(\d+)\.")
+
+    def resnet_prefix(block: str, up: str | None, down: str | None, i: int) -> str:
+        if part == "decoder":
+            if block == "block_in":
+                return f"blocks.0.{i + 1}"
+            if up is not None:
+                return f"blocks.{int(up) + 1}.blocks.{i}"
+            return f"blocks.{n_blocks + 1}.{i}"
+        if block == "block_in":
+            return f"layers.{i + 1}"
+        if down is not None:
+            return f"layers.{n_in + 1 + int(down)}.layers.{i + 1}"
+        return f"layers.{n_in + n_blocks + 1 + i}"
+
+    fixed = {
+        "decoder": {"conv_in": "blocks.0.0", "proj_out": "output_proj"},
+        "encoder": {"proj_in": "layers.0", "proj_out": "output_proj", "norm_out.norm_layer": "output_norm"},
+    }[part]
+    layout: dict[str, Recipe] = {}
+    qkv: dict[str, dict[str, str]] = {}
+    for key in keys:
+        module, _, param = key.rpartition(".")
+        native = None
+        if module in fixed:
+            native = f"{fixed[module]}.{param}"
+        elif m := re.match(r"^up_blocks\.(\d+)\.proj$", module):
+            native = f"blocks.{int(m.group(1)) + 1}.proj.{param}"
+        elif m := re.match(r"^down_blocks\.(\d+)\.conv_in\.conv$", module):
+            native = f"layers.{n_in + 1 + int(m.group(1))}.layers.0.{param}"
+        elif m := _IN_BLOCK.match(key):
+            block, up, down, kind, i, rest = m.groups()
+            prefix = resnet_prefix(block.split(".")[0], up, down, int(i))
+            inner, _, param = rest.rpartition(".")
+            if kind == "resnets" and inner in _RESNET:
+                native = f"{prefix}.{_RESNET[inner]}.{param}"
+            elif kind == "norms" and inner == "norm_layer":
+                native = f"{prefix}.attn_block.norm.{param}"
+            elif kind == "attentions" and inner == "to_out.0":
+                native = f"{prefix}.attn_block.attn.out.{param}"
+            elif kind == "attentions" and inner in ("to_q", "to_k", "to_v") and param == "weight":
+                qkv.setdefault(f"{prefix}.attn_block.attn.qkv.weight", {})[inner] = key
+                continue
+        layout[native or key] = Recipe((key,))
+    for native, parts in qkv.items():
+        # The native qkv weight is [q; k; v] stacked along the output rows; diffusers splits it in three.
+        if len(parts) == 3:
+            layout[native] = Recipe((parts["to_q"], parts["to_k"], parts["to_v"]), concat_rows)
+        else:
+            layout.update({key: Recipe((key,)) for key in parts.values()})  # reported as unexpected
+    return layout
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Config inference from native tensor shapes
+
+
+def _indices(shapes: Mapping[str, torch.Size], pattern: str) -> list[int]:
+    return sorted({int(m.group(1)) for k in shapes if (m := re.match(pattern, k))})
+
+
+def _need(shapes: Mapping[str, torch.Size], key: str, what: str) -> torch.Size:
+    if key not in shapes:
+        raise CheckpointError(f"the {what} checkpoint has no tensor {key!r}, which gives the model's shape")
+    return shapes[key]
+
+
+def _level(shapes: Mapping[str, torch.Size], prefix: str) -> tuple[int, bool]:
+    """Number of ResBlocks directly under `prefix` and whether they have attention."""
+    blocks = _indices(shapes, rf"^{re.escape(prefix)}\.(\d+)\.stack\.")
+    attention = any(re.match(rf"^{re.escape(prefix)}\.\d+\.attn_block\.", k) for k in shapes)
+    return len(blocks), attention
+
+
+def _split_expansion(product: int) -> tuple[int, int]:
+    """(temporal, spatial) with temporal * spatial^2 = product: spatial 2 whenever possible (Mochi's 8x8 = 2*2*2)."""
+    return (product // 4, 2) if product % 4 == 0 else (product, 1)
+
+
+def infer_decoder_config(
+    shapes: Mapping[str, torch.Size],
+    temporal_expansions: tuple[int, ...] | None = None,
+    spatial_expansions: tuple[int, ...] | None = None,
+) -> DecoderConfig:
+    """The decoder's shape from its native tensor shapes.
+
+    Widths, block counts and attention are read from the tensors. Each upsampling projection only tells the product
+    st * s^2 of its factors: unless the factors are given, s = 2 when the product allows it, as in every Mochi VAE.
+    """
+    conv_in = _need(shapes, "blocks.0.0.weight", "decoder")
+    out = _need(shapes, "output_proj.weight", "decoder")
+    top = _indices(shapes, r"^blocks\.(\d+)\.")
+    n_up = len(top) - 2
+    if n_up < 0 or top != list(range(len(top))):
+        raise CheckpointError(f"the decoder checkpoint's blocks are {top}; expected blocks 0 to N without gaps")
+    projs = [_need(shapes, f"blocks.{b}.proj.weight", "decoder") for b in range(1, n_up + 1)]
+    widths = [conv_in[0]] + [p[1] for p in projs[1:]] + [out[1]]  # latent side first
+    levels = [_level(shapes, "blocks.0")]
+    levels += [_level(shapes, f"blocks.{b}.blocks") for b in range(1, n_up + 1)]
+    levels += [_level(shapes, f"blocks.{n_up + 1}")]
+    products = []
+    for b, (proj, width) in enumerate(zip(projs, widths[1:]), start=1):
+        if proj[0] % width:
+            raise CheckpointError(
+                f"blocks.{b}.proj.weight has {proj[0]} rows, not a multiple of the next width {width}"
+            )
+        products.append(proj[0] // width)
+    if temporal_expansions is None or spatial_expansions is None:
+        split = [_split_expansion(p) for p in products]
+        temporal = tuple(t for t, _ in split)[::-1]
+        spatial = tuple(s for _, s in split)[::-1]
+        temporal_expansions = temporal_expansions or temporal
+        spatial_expansions = spatial_expansions or spatial
+    temporal_expansions, spatial_expansions = tuple(temporal_expansions), tuple(spatial_expansions)
+    given = [t * s * s for t, s in zip(temporal_expansions[::-1], spatial_expansions[::-1])]
+    if given != products or len(temporal_expansions) != n_up:
+        raise CheckpointError(
+            f"temporal_expansions {temporal_expansions} and spatial_expansions {spatial_expansions} do not match "
+            f"the upsampling projections, whose st*s^2 are {products[::-1]} (pixel side first)"
+        )
+    return DecoderConfig(
+        latent_dim=conv_in[1],
+        out_channels=out[0],
+        channels=tuple(widths[::-1]),
+        num_res_blocks=tuple(n for n, _ in levels[::-1]),
+        temporal_expansions=temporal_expansions,
+        spatial_expansions=spatial_expansions,
+        has_attention=tuple(a for _, a in levels[::-1]),
+    )
+
+
+def infer_encoder_config(shapes: Mapping[str, torch.Size]) -> EncoderConfig:
+    """The encoder's shape from its native tensor shapes (strided convs give the reduction factors directly)."""
+    proj_in = _need(shapes, "layers.0.weight", "encoder")
+    out = _need(shapes, "output_proj.weight", "encoder")
+    top = _indices(shapes, r"^layers\.(\d+)\.")
+    if top != list(range(len(top))):
+        raise CheckpointError(f"the encoder checkpoint's layers are {top}; expected layers 0 to N without gaps")
+    downs = [i for i in top if f"layers.{i}.layers.0.weight" in shapes]
+    if not downs or downs != list(range(downs[0], downs[-1] + 1)):
+        raise CheckpointError(f"the encoder checkpoint's downsampling layers are {downs}; expected a contiguous run")
+    first, last = list(range(1, downs[0])), list(range(downs[-1] + 1, len(top)))
+    attention = [any(re.match(rf"^layers\.{i}\.attn_block\.", k) for k in shapes) for i in first + last]
+    levels = [(len(first), any(attention[: len(first)]))]
+    temporal, spatial, channels = [], [], [proj_in[0]]
+    for i in downs:
+        c_out, _, kt, kh, kw = shapes[f"layers.{i}.layers.0.weight"]
+        if kh != kw:
+            raise CheckpointError(f"layers.{i}.layers.0.weight has a non-square spatial kernel {kh}x{kw}")
+        temporal.append(kt)
+        spatial.append(kh)
+        channels.append(c_out)
+        levels.append(_level(shapes, f"layers.{i}.layers"))
+    levels.append((len(last), any(attention[len(first) :])))
+    if proj_in[1] != 15:
+        raise CheckpointError(
+            f"layers.0.weight takes {proj_in[1]} input channels; the native encoder takes 15 (RGB and its "
+            "Fourier features at 2^6 and 2^7)"
+        )
+    return EncoderConfig(
+        in_channels=proj_in[1],
+        channels=tuple(channels),
+        num_res_blocks=tuple(n for n, _ in levels),
+        temporal_reductions=tuple(temporal),
+        spatial_reductions=tuple(spatial),
+        has_attention=tuple(a for _, a in levels),
+        latent_dim=out[0] // 2,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def _norm_params(module: nn.Module) -> list[str]:
+    return [
+        f"{name}.{p}" for name, m in module.named_modules() if isinstance(m, GroupNormSpatial) for p in ("weight", "bias")
+    ]
+
+
+def _load(module: nn.Module, files, layout, dtype, device, what: str) -> nn.Module:
+    missing = sorted(set(module.state_dict()) - set(layout))
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise CheckpointError(f"{what} does not match the model: {len(missing)} missing tensors ({shown}; native names)")
+    load_into_module(module, files, layout, dtype, device, fp32_names=_norm_params(module), what=what)
+    return module.eval().requires_grad_(False)
+
+
+def _check_dtype(dtype: torch.dtype) -> None:
+    if not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating-point type such as torch.float32 or torch.bfloat16, not {dtype}")
+
+
+def load_vae_decoder(
+    path: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    *,
+    temporal_expansions: tuple[int, ...] | None = None,
+    spatial_expansions: tuple[int, ...] | None = None,
+) -> Decoder:
+    """The VAE decoder, shape inferred from the weights; call it as `decoder(z)` on raw VAE-space latents.
+
+    The expansion factors are read from a diffusers config.json when there is one; native files only give the
+    product st*s^2 per stage, split with s = 2 unless `temporal_expansions`/`spatial_expansions` say otherwise.
+    """
+    _check_dtype(dtype)
+    files, layout, config = open_vae_checkpoint(path, "decoder")
+    temporal_expansions = temporal_expansions or config.get("temporal_expansions")
+    spatial_expansions = spatial_expansions or config.get("spatial_expansions")
+    cfg = infer_decoder_config(native_shapes(files, layout), temporal_expansions, spatial_expansions)
+    with torch.device("meta"):
+        decoder = Decoder(cfg)
+    return _load(decoder, files, layout, dtype, device, f"VAE decoder checkpoint {path}")
+
+
+def load_vae_encoder(
+    path: str | Path, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"
+) -> Encoder:
+    """The VAE encoder, shape inferred from the weights; `encoder(video)` -> (mean, logvar)."""
+    _check_dtype(dtype)
+    files, layout, _ = open_vae_checkpoint(path, "encoder")
+    cfg = infer_encoder_config(native_shapes(files, layout))
+    with torch.device("meta"):
+        encoder = Encoder(cfg)
+    return _load(encoder, files, layout, dtype, device, f"VAE encoder checkpoint {path}")
