@@ -8,7 +8,7 @@ import pytest
 import sentencepiece as spm
 import torch
 from safetensors.torch import load_file, save_file
-from tiny_t5 import save_tiny_t5, save_tiny_t5_diffusers_layout, spiece_model_bytes
+from mochi_preview.tiny import save_tiny_t5, save_tiny_t5_diffusers_layout, spiece_model_bytes
 from transformers import T5EncoderModel
 
 from mochi_preview.text import TextEncoder

@@ -1,6 +1,28 @@
 """mochi_preview: Genmo's Mochi 1 preview text-to-video model, in clear and lean PyTorch."""
 
-from .dit import AsymmDiT, DiTConfig, load_dit
-from .sampling import denoise, get_noise, linear_quadratic_schedule
+__version__ = "0.1.0"
 
-__all__ = ["AsymmDiT", "DiTConfig", "load_dit", "linear_quadratic_schedule", "get_noise", "denoise"]
+from .dit import AsymmDiT, DiTConfig, load_dit
+from .pipeline import MochiOutput, MochiPipeline
+from .sampling import denoise, get_noise, linear_quadratic_schedule
+from .text import TextEncoder
+from .vae import denormalize_latents, load_vae_decoder, load_vae_encoder, normalize_latents
+from .video import export_to_video, read_video
+
+__all__ = [
+    "AsymmDiT",
+    "DiTConfig",
+    "MochiOutput",
+    "MochiPipeline",
+    "TextEncoder",
+    "denoise",
+    "denormalize_latents",
+    "export_to_video",
+    "get_noise",
+    "linear_quadratic_schedule",
+    "load_dit",
+    "load_vae_decoder",
+    "load_vae_encoder",
+    "normalize_latents",
+    "read_video",
+]

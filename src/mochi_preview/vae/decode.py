@@ -179,29 +179,30 @@ def estimate_decode_bytes(
     Excludes the weights and the output video. `total_frames` (latent) sizes the attention caches when streaming.
     """
     e = torch.empty((), dtype=dtype).element_size()
-    t, h, w = frames, height, width
-    peak, caches = 0.0, 0.0
     widths = cfg.channels[::-1]  # latent side first
-    blocks = cfg.num_res_blocks[::-1]
-    attention = cfg.has_attention[::-1]
-    stages = list(zip(cfg.temporal_expansions[::-1], cfg.spatial_expansions[::-1])) + [None]
+    blocks, attention = cfg.num_res_blocks[::-1], cfg.has_attention[::-1]
+    expansions = list(zip(cfg.temporal_expansions[::-1], cfg.spatial_expansions[::-1]))
+    # (width, ResBlocks, attention, upsampling after them) for blocks.0, each upsampling block, the last stack
+    levels = [(widths[0], blocks[0], attention[0], None)]
+    levels += [(widths[i - 1], blocks[i], attention[i], (*expansions[i - 1], widths[i])) for i in range(1, len(widths))]
+    levels += [(widths[-1], blocks[-1], attention[-1], None)]
+    t, h, w = frames, height, width
     total_t = total_frames or frames
-    for c, n, attn, stage in zip((widths[0], *widths), blocks, attention, stages):
+    peak, caches = 0.0, 0.0
+    for c, n, attn, up in levels:
         x = batch * c * (t + 2) * (h + 2) * (w + 2) * e  # padded activation at this level
         if n:
             peak = max(peak, (ATTENTION_FACTOR if attn else RESBLOCK_FACTOR) * x)
         if streaming:
-            caches += n * 2 * batch * c * 2 * (h + 2) * (w + 2) * e
+            caches += n * 2 * batch * c * 2 * (h + 2) * (w + 2) * e  # two convs, two padded frames each
             if attn:
-                caches += n * 2 * batch * c * total_t * h * w * e
-        if stage is not None:
-            st, s = stage
-            c_next = widths[widths.index(c) + 1] if widths.index(c) + 1 < len(widths) else c
+                caches += n * 2 * batch * c * total_t * h * w * e  # keys and values of every frame
+        if up is not None:
+            st, s, c_next = up
             t = t * st if streaming else (t - 1) * st + 1
             total_t = (total_t - 1) * st + 1
             h, w = h * s, w * s
-            y = batch * c_next * t * h * w * e
-            peak = max(peak, x + 2 * y)
+            peak = max(peak, x + 2 * batch * c_next * t * h * w * e)
     tile_out = 2 * batch * cfg.out_channels * t * h * w * 4
     return int(peak + caches + tile_out)
 

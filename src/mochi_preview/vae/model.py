@@ -179,7 +179,9 @@ class Encoder(nn.Module):
         layers = [Conv1x1(cfg.in_channels, c[0])]
         layers += [ResBlock(c[0], attn[0]) for _ in range(n[0])]
         layers += [
-            DownsampleBlock(c[i], c[i + 1], n[i + 1], attn[i + 1], cfg.temporal_reductions[i], cfg.spatial_reductions[i])
+            DownsampleBlock(
+                c[i], c[i + 1], n[i + 1], attn[i + 1], cfg.temporal_reductions[i], cfg.spatial_reductions[i]
+            )
             for i in range(len(c) - 1)
         ]
         layers += [ResBlock(c[-1], attn[-1]) for _ in range(n[-1])]
@@ -209,8 +211,6 @@ class Encoder(nn.Module):
         ft, fs = cfg.temporal_factor, cfg.spatial_factor
         if (t - 1) % ft:
             lo = (t - 1) // ft * ft + 1
-            raise ValueError(
-                f"the encoder needs T = {ft}k + 1 frames (e.g. {lo} or {lo + ft}); got T = {t}"
-            )
+            raise ValueError(f"the encoder needs T = {ft}k + 1 frames (e.g. {lo} or {lo + ft}); got T = {t}")
         if h % fs or w % fs:
             raise ValueError(f"the encoder needs H and W that are multiples of {fs}; got H = {h}, W = {w}")

@@ -53,8 +53,8 @@ class _PrefixView:
     def meta(self, key: str) -> torch.Tensor:
         return self.files.meta(self.prefix + key)
 
-    def get(self, key: str) -> torch.Tensor:
-        return self.files.get(self.prefix + key)
+    def get(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return self.files.get(self.prefix + key, dtype)
 
 
 def open_vae_checkpoint(path: str | Path, part: str):
@@ -97,8 +97,15 @@ def open_vae_checkpoint(path: str | Path, part: str):
 # ---------------------------------------------------------------------------------------------------------------
 # diffusers AutoencoderKLMochi names -> native names
 
-_RESNET = {"norm1.norm_layer": "stack.0", "conv1.conv": "stack.2", "norm2.norm_layer": "stack.3", "conv2.conv": "stack.5"}
-_IN_BLOCK = re.compile(r"^(block_in|block_out|up_blocks\.(\d+)|down_blocks\.(\d+))\.(resnets|attentions|norms)\.(\d+)\.(.+)$")
+_RESNET = {
+    "norm1.norm_layer": "stack.0",
+    "conv1.conv": "stack.2",
+    "norm2.norm_layer": "stack.3",
+    "conv2.conv": "stack.5",
+}
+_IN_BLOCK = re.compile(
+    r"^(block_in|block_out|up_blocks\.(\d+)|down_blocks\.(\d+))\.(resnets|attentions|norms)\.(\d+)\.(.+)$"
+)
 
 
 def _count(keys, pattern: str) -> int:
@@ -284,7 +291,10 @@ def infer_encoder_config(shapes: Mapping[str, torch.Size]) -> EncoderConfig:
 
 def _norm_params(module: nn.Module) -> list[str]:
     return [
-        f"{name}.{p}" for name, m in module.named_modules() if isinstance(m, GroupNormSpatial) for p in ("weight", "bias")
+        f"{name}.{p}"
+        for name, m in module.named_modules()
+        if isinstance(m, GroupNormSpatial)
+        for p in ("weight", "bias")
     ]
 
 
@@ -292,7 +302,9 @@ def _load(module: nn.Module, files, layout, dtype, device, what: str) -> nn.Modu
     missing = sorted(set(module.state_dict()) - set(layout))
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise CheckpointError(f"{what} does not match the model: {len(missing)} missing tensors ({shown}; native names)")
+        raise CheckpointError(
+            f"{what} does not match the model: {len(missing)} missing tensors ({shown}; native names)"
+        )
     load_into_module(module, files, layout, dtype, device, fp32_names=_norm_params(module), what=what)
     return module.eval().requires_grad_(False)
 

@@ -1,4 +1,8 @@
-"""Tiny random T5 encoder + real sentencepiece tokenizer in the folder layouts Mochi loads (no network)."""
+"""Tiny models with random weights, saved in the real file layouts Mochi loads (no network needed).
+
+Used by the tests, the benchmarks, and by the CLI as its fallback model when no weights are given (until the demo
+model ships): a random model makes noise, not video, and says so.
+"""
 
 import io
 import shutil
@@ -115,3 +119,72 @@ def save_tiny_t5_diffusers_layout(model_dir: Path, **kwargs) -> None:
     model_dir = Path(model_dir)
     save_tiny_t5(model_dir / "text_encoder", with_tokenizer=False, **kwargs)
     save_tiny_t5_tokenizer(model_dir / "tokenizer", tokenizer_json=kwargs.get("tokenizer_json", True))
+
+
+# ---- DiT + VAE ---------------------------------------------------------------------------------------------
+
+TINY_DIT = dict(depth=2, num_heads=2, head_dim=64, dim_y=64, mlp_hidden_x=256, mlp_hidden_y=128)
+TINY_DECODER = dict(channels=(32, 32, 32, 32), num_res_blocks=(1, 1, 1, 1, 1))
+TINY_ENCODER = dict(channels=(32, 32, 32, 32), num_res_blocks=(1, 1, 1, 1, 1), has_attention=(False,) * 5)
+RANDOM_DEFAULTS = dict(width=64, height=64, num_frames=13, num_steps=8, cfg_scale=4.5)
+
+
+def _random_(module: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Small random values everywhere; norm weights near 1 so activations stay in range."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(module.named_parameters()):
+            if name.endswith("weight") and ("norm" in name or ".stack.0." in name or ".stack.3." in name):
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                fan_in = p[0].numel() if p.ndim > 1 else 1
+                p.copy_(torch.randn(p.shape, generator=g) / max(fan_in, 1) ** 0.5)
+    return module
+
+
+def save_random_model(folder: Path, seed: int = 0, text_dim: int = 64, encoder: bool = True) -> Path:
+    """A complete random Mochi in the native layout: dit/decoder/encoder.safetensors and a t5/ folder.
+
+    (Diffusers-layout folders are written by diffusers itself, in the tests.)
+    """
+    from safetensors.torch import save_file
+
+    from .dit import AsymmDiT, DiTConfig, save_dit_native
+    from .vae import Decoder, DecoderConfig, Encoder, EncoderConfig
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    dit = _random_(AsymmDiT(DiTConfig(text_dim=text_dim, **TINY_DIT)), seed)
+    save_dit_native(folder / "dit.safetensors", dit)
+    save_file(
+        _random_(Decoder(DecoderConfig(**TINY_DECODER)), seed + 1).state_dict(), str(folder / "decoder.safetensors")
+    )
+    if encoder:
+        enc = _random_(Encoder(EncoderConfig(**TINY_ENCODER)), seed + 2)
+        save_file(enc.state_dict(), str(folder / "encoder.safetensors"))
+    save_tiny_t5(folder / "t5", d_model=text_dim, seed=seed + 3)
+    return folder
+
+
+def default_model_dir() -> Path:
+    """The model used when no --model_dir is given: for now a small RANDOM model (noise, not video)."""
+    import json
+    import os
+    import sys
+
+    cache = Path(os.environ.get("MOCHI_CACHE", Path.home() / ".cache" / "mochi_preview")) / "random-tiny-v1"
+    print(
+        "warning: no --model_dir given and no demo model ships yet: generating with a small model with RANDOM "
+        "weights. The output is noise, not a video of your prompt. Pass --model_dir with the published weights "
+        "(see the README) for real videos.",
+        file=sys.stderr,
+    )
+    if not (cache / "mochi_defaults.json").is_file():
+        tmp = cache.with_name(cache.name + f".partial-{os.getpid()}")
+        save_random_model(tmp)
+        (tmp / "mochi_defaults.json").write_text(json.dumps(RANDOM_DEFAULTS))
+        try:
+            tmp.rename(cache)
+        except OSError:  # another process finished first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return cache

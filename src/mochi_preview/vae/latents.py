@@ -1,0 +1,56 @@
+"""Latent normalization between VAE space (what the decoder takes) and DiT space (what the DiT sees)."""
+
+from __future__ import annotations
+
+import torch
+
+# Per-channel statistics of the VAE latents published with Mochi 1 preview (identical in diffusers' config).
+LATENTS_MEAN = (
+    -0.06730895953510081,
+    -0.038011381506090416,
+    -0.07477820912866141,
+    -0.05565264470995561,
+    0.012767231469026969,
+    -0.04703542746246419,
+    0.043896967884726704,
+    -0.09346305707025976,
+    -0.09918314763016893,
+    -0.008729793427399178,
+    -0.011931556316503654,
+    -0.0321993391887285,
+)
+LATENTS_STD = (
+    0.9263795028493863,
+    0.9248894543193766,
+    0.9393059390890617,
+    0.959253732819592,
+    0.8244560132752793,
+    0.917259975397747,
+    0.9294154431013696,
+    1.3720942357788521,
+    0.881393668867029,
+    0.9168315692124348,
+    0.9185249279345552,
+    0.9274757570805041,
+)
+
+
+def _stats(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if z.ndim != 5 or z.shape[1] != len(LATENTS_MEAN):
+        raise ValueError(f"latents must be shaped (B, {len(LATENTS_MEAN)}, T, H, W); got {tuple(z.shape)}")
+    # Held as fp32 and applied in the latents' dtype, as natively; broadcast over (T, H, W).
+    mean = torch.tensor(LATENTS_MEAN, dtype=torch.float32).to(z.device, z.dtype)[:, None, None, None]
+    std = torch.tensor(LATENTS_STD, dtype=torch.float32).to(z.device, z.dtype)[:, None, None, None]
+    return mean, std
+
+
+def normalize_latents(z: torch.Tensor) -> torch.Tensor:
+    """VAE space -> DiT space: (z - mean) / std per channel of (B, 12, T, H, W)."""
+    mean, std = _stats(z)
+    return (z - mean) / std
+
+
+def denormalize_latents(z: torch.Tensor) -> torch.Tensor:
+    """DiT space -> VAE space: z * std + mean per channel of (B, 12, T, H, W); decode the result."""
+    mean, std = _stats(z)
+    return z * std + mean
