@@ -119,6 +119,7 @@ class MochiPipeline:
         """Load from a native folder (dit/decoder.safetensors + a T5 folder), a diffusers folder, or a Hub repo id
         already in the local Hugging Face cache. Components load on the CPU, then move to `device`."""
         folder = resolve_model_dir(path)
+        check_model_dir(folder, text_encoder_path)
         t5_dir = Path(text_encoder_path) if text_encoder_path else find_text_encoder_dir(folder)
         dit = load_dit(folder, dtype=torch_dtype, attention_backend=attention_backend)
         decoder = load_vae_decoder(folder, dtype=vae_dtype or torch_dtype)
@@ -353,6 +354,26 @@ def resolve_model_dir(path: str | Path) -> Path:
                 f"(`huggingface-cli download {path}`) or pass the folder that holds the weights"
             ) from e
     raise FileNotFoundError(f"model folder not found: {p}")
+
+
+def check_model_dir(folder: Path, text_encoder_path: str | Path | None = None) -> None:
+    """Name every missing part of a model folder at once, with what each layout expects."""
+    missing = []
+    if not ((folder / "dit.safetensors").is_file() or (folder / "transformer").is_dir()):
+        missing.append("the DiT (dit.safetensors, or transformer/)")
+    if not ((folder / "decoder.safetensors").is_file() or (folder / "vae").is_dir()):
+        missing.append("the VAE decoder (decoder.safetensors, or vae/)")
+    if text_encoder_path is None:
+        try:
+            find_text_encoder_dir(folder)
+        except FileNotFoundError:
+            missing.append("the T5 text encoder (text_encoder/ + tokenizer/, or t5/; or pass --t5_dir)")
+    if missing:
+        raise FileNotFoundError(
+            f"{folder} is missing {'; '.join(missing)}. A native folder holds dit.safetensors, decoder.safetensors "
+            "(encoder.safetensors optional) and a T5 folder; a diffusers folder holds transformer/, vae/, "
+            "text_encoder/ and tokenizer/."
+        )
 
 
 def find_text_encoder_dir(folder: Path) -> Path:

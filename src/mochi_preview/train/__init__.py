@@ -1,0 +1,29 @@
+"""Training: flow matching for the DiT, reconstruction + KL for the VAE, and the loop they share."""
+
+from .common import EMA, Trainer, TrainConfig, lr_at, make_optimizer, seed_everything
+from .dit import DiTTrainConfig, DiTTrainer, LatentData, encode_latent_data
+from .flow import drop_captions, flow_matching_loss, noisy_latents, sample_sigmas
+from .vae import VAETrainConfig, VAETrainer, latent_stats, object_mask, reconstruct, vae_losses
+
+__all__ = [
+    "EMA",
+    "DiTTrainConfig",
+    "DiTTrainer",
+    "LatentData",
+    "TrainConfig",
+    "Trainer",
+    "VAETrainConfig",
+    "VAETrainer",
+    "drop_captions",
+    "encode_latent_data",
+    "flow_matching_loss",
+    "latent_stats",
+    "lr_at",
+    "make_optimizer",
+    "noisy_latents",
+    "object_mask",
+    "reconstruct",
+    "sample_sigmas",
+    "seed_everything",
+    "vae_losses",
+]

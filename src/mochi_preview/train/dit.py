@@ -1,0 +1,110 @@
+"""DiT training on pre-encoded data: the VAE and the text encoder run once per clip, not once per step.
+
+`encode_latent_data` turns (video, caption) batches into a `LatentData` cache (DiT-space latents, text features and
+masks), which can be saved to one safetensors file; `DiTTrainer` draws batches from it with its own generator.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ..dit import AsymmDiT
+from .common import Trainer, TrainConfig
+from .flow import drop_captions, flow_matching_loss
+
+
+@dataclass
+class LatentData:
+    """Pre-encoded training set, latents already normalized to DiT space (per-channel (z - mean) / std)."""
+
+    mean: torch.Tensor  # (N, 12, T, H, W) posterior means
+    features: torch.Tensor  # (N, L, D) text features, L cut to the longest caption
+    mask: torch.Tensor  # (N, L) bool
+    logvar: torch.Tensor | None = None  # (N, 12, T, H, W) posterior log-variances, when sampling the posterior
+    captions: list[str] | None = None
+
+    def __len__(self) -> int:
+        return self.mean.shape[0]
+
+    def save(self, path: str | Path) -> None:
+        """One safetensors file; the captions go in its metadata as JSON."""
+        tensors = {"mean": self.mean, "features": self.features, "mask": self.mask}
+        if self.logvar is not None:
+            tensors["logvar"] = self.logvar
+        tensors = {k: v.contiguous() for k, v in tensors.items()}
+        save_file(tensors, str(path), metadata={"captions": json.dumps(self.captions or [])})
+
+    @classmethod
+    def load(cls, path: str | Path) -> LatentData:
+        with safe_open(str(path), "pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            captions = json.loads(f.metadata().get("captions", "[]")) or None
+        return cls(tensors["mean"], tensors["features"], tensors["mask"].bool(), tensors.get("logvar"), captions)
+
+
+@torch.no_grad()
+def encode_latent_data(
+    encoder: torch.nn.Module,
+    text_encoder,
+    batches: Iterable[tuple[torch.Tensor, list[str]]],
+    latent_mean: torch.Tensor,
+    latent_std: torch.Tensor,
+    keep_logvar: bool = False,
+) -> LatentData:
+    """Encode (videos (B, 3, T, H, W) uint8, captions) batches with the VAE encoder and T5 into a LatentData."""
+    m, s = latent_mean.float()[:, None, None, None], latent_std.float()[:, None, None, None]  # (12, 1, 1, 1)
+    means, logvars, feats, masks, captions = [], [], [], [], []
+    for videos, texts in batches:
+        mean, logvar = encoder(videos.float() / 127.5 - 1.0)  # (B, 12, T', H', W') each, VAE space
+        means.append((mean.float() - m) / s)
+        logvars.append(logvar.float() - 2 * s.log())  # the variance scales by 1 / std^2 too
+        f, k = text_encoder.encode(list(texts))  # (B, 256, D), (B, 256)
+        feats.append(f.float())
+        masks.append(k)
+        captions += list(texts)
+    mask = torch.cat(masks)
+    n_text = max(1, int(mask.sum(dim=1).max()))  # T5 pads on the right: keep only columns some caption uses
+    return LatentData(
+        torch.cat(means),
+        torch.cat(feats)[:, :n_text].contiguous(),
+        mask[:, :n_text].contiguous(),
+        torch.cat(logvars) if keep_logvar else None,
+        captions,
+    )
+
+
+@dataclass
+class DiTTrainConfig(TrainConfig):
+    """DiT settings: the reference's objective (uniform sigma, 10% caption dropout), batch drawn from the cache."""
+
+    batch_size: int = 32
+    caption_dropout: float = 0.1
+    sigma_sampler: str = "uniform"  # or "logit_normal"
+    # Draw z0 ~ N(mean, exp(logvar)) like the reference; off by default because the demo VAE decodes the mean.
+    sample_posterior: bool = False
+
+
+class DiTTrainer(Trainer):
+    """Flow-matching training of an AsymmDiT on a LatentData cache."""
+
+    def __init__(self, model: AsymmDiT, data: LatentData, cfg: DiTTrainConfig = DiTTrainConfig()):
+        if cfg.sample_posterior and data.logvar is None:
+            raise ValueError("sample_posterior needs LatentData with logvar (encode_latent_data(keep_logvar=True))")
+        super().__init__(model, cfg)
+        self.data = data
+
+    def loss(self) -> tuple[torch.Tensor, dict]:
+        cfg, g, data = self.cfg, self.generator, self.data
+        idx = torch.randint(len(data), (cfg.batch_size,), generator=g)
+        z0 = data.mean[idx].float()  # (B, 12, T, H, W)
+        if cfg.sample_posterior:
+            z0 = z0 + (0.5 * data.logvar[idx].float()).exp() * torch.randn(z0.shape, generator=g)
+        features, mask = drop_captions(data.features[idx].float(), data.mask[idx], cfg.caption_dropout, g)
+        return flow_matching_loss(self.model, z0, features, mask, g, cfg.sigma_sampler), {}

@@ -1,0 +1,53 @@
+"""The flow-matching objective of Mochi (spec 5.2 and 7.5): z_s = (1 - s) z0 + s eps, target v = z0 - eps.
+
+s = 1 is pure noise, as in the sampler. The reference trainer draws s ~ U(0, 1) and takes the unweighted MSE.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+SIGMA_SAMPLERS = ("uniform", "logit_normal")
+
+
+def sample_sigmas(
+    n: int, generator: torch.Generator, kind: str = "uniform", loc: float = 0.0, scale: float = 1.0
+) -> torch.Tensor:
+    """(n,) noise levels in (0, 1): uniform (the reference), or logit-normal sigmoid(loc + scale * N(0, 1))."""
+    if kind == "uniform":
+        return torch.rand(n, generator=generator)
+    if kind == "logit_normal":  # more weight on middle noise levels, where the velocity is hardest to guess
+        return torch.sigmoid(loc + scale * torch.randn(n, generator=generator))
+    raise ValueError(f"unknown sigma sampler {kind!r}; choose from {SIGMA_SAMPLERS}")
+
+
+def drop_captions(
+    features: torch.Tensor, mask: torch.Tensor, p: float, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """With probability p per sample, zero the text features and mask: the "no text" prompt CFG contrasts with."""
+    drop = torch.rand(features.shape[0], generator=generator) < p  # (B,)
+    return features.masked_fill(drop[:, None, None], 0.0), mask & ~drop[:, None]
+
+
+def noisy_latents(z0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """z_sigma = (1 - sigma) z0 + sigma noise, sigma (B,) broadcast over (C, T, H, W)."""
+    s = sigma.view(-1, *[1] * (z0.ndim - 1))
+    return (1.0 - s) * z0 + s * noise
+
+
+def flow_matching_loss(
+    model: Callable[..., torch.Tensor],
+    z0: torch.Tensor,
+    features: torch.Tensor,
+    mask: torch.Tensor,
+    generator: torch.Generator,
+    sigma_sampler: str = "uniform",
+) -> torch.Tensor:
+    """MSE between the model's velocity at a random noise level and z0 - eps; z0 (B, C, T, H, W) in DiT space."""
+    sigma = sample_sigmas(z0.shape[0], generator, sigma_sampler)  # (B,)
+    noise = torch.randn(z0.shape, generator=generator, dtype=z0.dtype)
+    v = model(noisy_latents(z0, noise, sigma), sigma, features, mask)  # (B, C, T, H, W) fp32
+    return F.mse_loss(v.float(), (z0 - noise).float())

@@ -1,0 +1,125 @@
+"""The command line: MP4 + sidecar output, sweeps with resume, and clear errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from model_folders import save_diffusers_model, save_native_model
+
+from mochi_preview.infer import main
+from mochi_preview.video import read_video
+
+SMALL = ["--width", "48", "--height", "32", "--num_frames", "13", "--num_steps", "3", "--dtype", "fp32", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def native_dir(tmp_path_factory):
+    return save_native_model(tmp_path_factory.mktemp("native"))
+
+
+def run(*args):
+    return main([str(a) for a in args])
+
+
+def test_writes_mp4_and_sidecar(native_dir, tmp_path):
+    out = tmp_path / "out"
+    assert run("--prompt", "a red ball", "--seed", "4", "--model_dir", native_dir, "--out_dir", out, *SMALL) == 0
+    [video] = list(out.glob("output_*.mp4"))
+    frames, info = read_video(video)
+    assert frames.shape == (13, 32, 48, 3)
+    assert (info["fps"], info["codec"], info["pix_fmt"]) == (30, "h264", "yuv420p")
+    sidecar = json.loads(video.with_suffix(".json").read_text())
+    assert sidecar["prompt"] == "a red ball" and sidecar["seed"] == 4 and sidecar["cfg_scale"] == 6.0
+    assert len(sidecar["sigmas"]) == 4 and sidecar["sigmas"][0] == 1.0 and sidecar["sigmas"][-1] == 0.0
+    assert sidecar["model_files"]["dit.safetensors"]["bytes"] == (native_dir / "dit.safetensors").stat().st_size
+    embedded = json.loads(info["metadata"]["mochi"])
+    assert embedded["prompt"] == "a red ball" and embedded["sigmas"] == sidecar["sigmas"]
+    assert not [p for p in out.iterdir() if "partial" in p.name]
+
+
+def test_same_seed_same_video(native_dir, tmp_path):
+    a, b, c = (tmp_path / f"{n}.mp4" for n in "abc")
+    for path, seed in ((a, 1), (b, 1), (c, 2)):
+        assert run("--prompt", "x", "--seed", seed, "--model_dir", native_dir, "--output", path, *SMALL) == 0
+    fa, fb, fc = (read_video(p)[0].astype(int) for p in (a, b, c))
+    assert np.array_equal(fa, fb) and np.abs(fa - fc).mean() > 1
+
+
+def test_sweep_runs_and_resumes(native_dir, tmp_path, capsys):
+    sweep = tmp_path / "sweep.jsonl"
+    sweep.write_text('{"prompt": "a", "seed": 1}\n\n{"prompt": "b", "seed": 2, "cfg_scale": 3.0}\n')
+    out = tmp_path / "out"
+    assert run("--sweep-file", sweep, "--model_dir", native_dir, "--out_dir", out, *SMALL) == 0
+    first = sorted(p.name for p in out.glob("*.mp4"))
+    assert len(first) == 2 and len(list(out.glob("*.json"))) == 2
+    assert json.loads((out / first[1]).with_suffix(".json").read_text())["cfg_scale"] == 3.0
+    mtimes = {p: p.stat().st_mtime_ns for p in out.iterdir()}
+    capsys.readouterr()
+    assert run("--sweep-file", sweep, "--model_dir", native_dir, "--out_dir", out, *SMALL) == 0
+    assert capsys.readouterr().err.count("skip") == 2
+    assert {p: p.stat().st_mtime_ns for p in out.iterdir()} == mtimes  # nothing rewritten
+    sweep.write_text('{"prompt": "a", "seed": 1}\n{"prompt": "b", "seed": 3}\n')  # line 2 edited
+    assert run("--sweep-file", sweep, "--model_dir", native_dir, "--out_dir", out, *SMALL) == 0
+    assert len(list(out.glob("*.mp4"))) == 3
+
+
+def test_bad_sweep_line_is_reported(native_dir, tmp_path):
+    sweep = tmp_path / "sweep.jsonl"
+    sweep.write_text('{"prompt": "a"}\n{"prompt": "b", "frames": 9}\n')
+    with pytest.raises(SystemExit, match=r"sweep.jsonl:2: unknown keys \['frames'\]"):
+        run("--sweep-file", sweep, "--model_dir", native_dir, "--out_dir", tmp_path, *SMALL)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--num_frames", "30"], r"num_frames=30 is not of the form 6k\+1 \(nearest valid: \[25, 31\]\)"),
+        (["--width", "50"], r"width=50 is not a multiple of 16.*\[48, 64\]"),
+        (["--num_steps", "0"], "num_inference_steps must be between 1 and 1000"),
+        (["--cfg_scale", "100"], r"guidance_scale must lie in \[0, 50\]"),
+    ],
+)
+def test_bad_settings_give_a_message(native_dir, tmp_path, capsys, args, message):
+    assert run("--model_dir", native_dir, "--out_dir", tmp_path / "o", *SMALL, *args) == 2
+    assert __import__("re").search(message, capsys.readouterr().err)
+    assert not (tmp_path / "o").exists() or not list((tmp_path / "o").iterdir())
+
+
+def test_existing_output_is_never_overwritten(native_dir, tmp_path):
+    target = tmp_path / "mine.mp4"
+    target.write_bytes(b"my precious video")
+    with pytest.raises(SystemExit, match="exists; not overwriting"):
+        run("--model_dir", native_dir, "--output", target, *SMALL)
+    assert target.read_bytes() == b"my precious video"
+
+
+def test_missing_files_are_named(native_dir, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "dit.safetensors").write_bytes((native_dir / "dit.safetensors").read_bytes())
+    assert run("--model_dir", broken, "--out_dir", tmp_path, *SMALL) == 2
+    err = capsys.readouterr().err
+    assert "missing the VAE decoder (decoder.safetensors, or vae/)" in err and "the T5 text encoder" in err
+    assert "the DiT" not in err
+    (broken / "decoder.safetensors").write_bytes(b"\x00" * 100)  # present but corrupt
+    assert run("--model_dir", broken, "--t5_dir", native_dir / "t5", "--out_dir", tmp_path, *SMALL) == 2
+    assert "decoder.safetensors is not a readable safetensors file" in capsys.readouterr().err
+    assert run("--model_dir", tmp_path / "nowhere", "--out_dir", tmp_path, *SMALL) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_diffusers_folder_through_the_cli(tmp_path):
+    folder = save_diffusers_model(tmp_path / "model")
+    assert run("--prompt", "x", "--model_dir", folder, "--output", tmp_path / "v.mp4", *SMALL) == 0
+    assert read_video(tmp_path / "v.mp4")[0].shape == (13, 32, 48, 3)
+
+
+def test_module_entry_point_runs(native_dir, tmp_path):
+    cmd = [sys.executable, "-m", "mochi_preview.infer", "--model_dir", str(native_dir), "--output", "v.mp4", *SMALL]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "v.mp4").is_file() and (tmp_path / "v.json").is_file()
