@@ -122,9 +122,8 @@ def test_out_of_memory_suggests_memory_modes(native_dir, monkeypatch):
 def test_diffusers_folder_loads_and_matches_diffusers_pipeline_latents(diffusers_dir):
     """Same folder, same seed: our latents equal diffusers' MochiPipeline's (a non-empty negative prompt, because
     diffusers keeps one EOS token for "" while we follow native and mask it entirely)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers import FlowMatchEulerDiscreteScheduler, MochiTransformer3DModel
     from diffusers import MochiPipeline as TheirPipeline
-    from diffusers import MochiTransformer3DModel
     from transformers import T5EncoderModel, T5Tokenizer
 
     ours = MochiPipeline.from_pretrained(diffusers_dir, torch_dtype=torch.float32, device="cpu")

@@ -8,10 +8,10 @@ import pytest
 import sentencepiece as spm
 import torch
 from safetensors.torch import load_file, save_file
-from mochi_preview.tiny import save_tiny_t5, save_tiny_t5_diffusers_layout, spiece_model_bytes
 from transformers import T5EncoderModel
 
 from mochi_preview.text import TextEncoder
+from mochi_preview.tiny import save_tiny_t5, save_tiny_t5_diffusers_layout, spiece_model_bytes
 
 torch.set_num_threads(1)
 
