@@ -131,7 +131,7 @@ class Trainer:
         self.optimizer.step()
         self.ema.update(self.model)
         self.step += 1
-        logs = {"step": self.step, "loss": float(loss), "lr": lr, **logs}
+        logs = {"step": self.step, "loss": loss.item(), "lr": lr, **logs}
         self.history.append(logs)
         return logs
 
