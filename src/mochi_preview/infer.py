@@ -97,7 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--linear-steps", dest="linear_steps", type=int, help="linear part of the schedule (steps/2)")
     p.add_argument("--model_dir", type=Path, help="weights folder (native or diffusers layout) or a cached Hub id")
     p.add_argument("--t5_dir", type=Path, help="T5 folder, if not inside --model_dir (a google/t5-v1_1-xxl download)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16", help="DiT and VAE weights (default bf16)")
+    p.add_argument(
+        "--dtype", choices=["auto", *sorted(DTYPES)], default="auto", help="DiT/VAE (auto: bf16 GPU, fp32 CPU)"
+    )
     p.add_argument("--t5_dtype", choices=sorted(DTYPES), default="fp32", help="T5 weights (default fp32)")
     p.add_argument("--device", help="cuda, cuda:1, cpu ... (default: cuda if available)")
     p.add_argument("--cpu_offload", action="store_true", help="keep models on the CPU, one on the device at a time")
@@ -138,6 +140,14 @@ def read_sweep(path: Path, base: Settings) -> list[Settings]:
     return runs
 
 
+def resolve_dtype(name: str, device: str | None) -> torch.dtype:
+    """bf16 where it is fast (GPUs), fp32 on CPUs, where bf16 convolutions are slow; or what was asked."""
+    if name != "auto":
+        return DTYPES[name]
+    on_gpu = device.startswith("cuda") if device else torch.cuda.is_available()
+    return torch.bfloat16 if on_gpu else torch.float32
+
+
 def load_pipeline(args: argparse.Namespace) -> tuple[MochiPipeline, Path]:
     model_dir = args.model_dir
     if model_dir is None:
@@ -146,7 +156,7 @@ def load_pipeline(args: argparse.Namespace) -> tuple[MochiPipeline, Path]:
         model_dir = default_model_dir()
     pipe = MochiPipeline.from_pretrained(
         model_dir,
-        torch_dtype=DTYPES[args.dtype],
+        torch_dtype=resolve_dtype(args.dtype, args.device),
         device=args.device,
         text_encoder_path=args.t5_dir,
         text_encoder_dtype=DTYPES[args.t5_dtype],
@@ -163,8 +173,10 @@ def load_pipeline(args: argparse.Namespace) -> tuple[MochiPipeline, Path]:
     return pipe, Path(pipe.sources["model_dir"])
 
 
-def generate(pipe: MochiPipeline, s: Settings, args: argparse.Namespace, path: Path, model_dir: Path) -> Path:
-    """Generate one video to `path` (+ `.json` sidecar), both written atomically."""
+def generate(
+    pipe: MochiPipeline, s: Settings, args: argparse.Namespace, path: Path, model_dir: Path, callback=None
+) -> Path:
+    """Generate one video to `path` (+ `.json` sidecar), both written atomically; `callback` as the pipeline's."""
     sigmas = s.sigmas
     out = pipe(
         s.prompt,
@@ -177,13 +189,14 @@ def generate(pipe: MochiPipeline, s: Settings, args: argparse.Namespace, path: P
         seed=s.seed,
         batch_cfg=args.batch_cfg,
         progress=not args.quiet,
+        callback_on_step_end=callback,
     )
     record = {
         **asdict(s),
         "sigmas": sigmas,
         "cfg_schedule": [s.cfg_scale] * (len(sigmas) - 1),
         "fps": args.fps,
-        "dtype": args.dtype,
+        "dtype": str(pipe.dit.dtype).removeprefix("torch."),
         "t5_dtype": args.t5_dtype,
         "model_dir": str(model_dir),
         "text_encoder": pipe.sources.get("text_encoder"),
