@@ -3,19 +3,28 @@
 #   scripts/setup.sh          runtime only
 #   scripts/setup.sh --dev    plus the test, lint and benchmark tools
 #   scripts/setup.sh --ui     plus the web UI
+#   scripts/setup.sh --browser  plus Debian's chromium for the web UI's browser test (needs root or sudo)
 # PyTorch: the CUDA build where an NVIDIA driver is present, else the CPU build (torch==2.13.0).
 # Set TORCH_SPEC (e.g. "torch==2.13.0") or TORCH_INDEX_URL to override.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 extras=()
+browser=0
 for arg in "$@"; do
   case "$arg" in
     --dev) extras+=(dev bench) ;;
     --ui) extras+=(ui) ;;
-    *) echo "setup.sh: unknown option $arg (valid: --dev, --ui)" >&2; exit 2 ;;
+    --browser) browser=1 ;;
+    *) echo "setup.sh: unknown option $arg (valid: --dev, --ui, --browser)" >&2; exit 2 ;;
   esac
 done
+
+if [ "$browser" = 1 ] && ! command -v chromium >/dev/null 2>&1; then
+  sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
+  echo "setup: installing Debian's chromium (for the web UI test)"
+  $sudo apt-get update -qq && $sudo apt-get install -y -qq chromium >/dev/null
+fi
 
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 pip=(.venv/bin/python -m pip install --quiet)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import sys
@@ -29,35 +30,34 @@ FORM = ("prompt", "negative_prompt", "width", "height", "num_frames", "seed", "r
         "threshold_noise", "linear_steps")  # fmt: skip
 
 
-def _whole(name: str, value, optional: bool = False) -> int | None:
-    """A form number as an int; empty only where optional, and never silently rounded."""
+def _number(name: str, value, whole: bool = False, optional: bool = False) -> float | int | None:
+    """A form field as a number: empty only where optional, finite, and never silently rounded."""
     if value is None or value == "":
         if optional:
             return None
         raise ValueError(f"{name} is empty; enter a number")
-    if float(value) != int(float(value)):
-        raise ValueError(f"{name} must be a whole number; got {value}")
-    return int(float(value))
+    value = float(value)
+    if not math.isfinite(value) or (whole and value != int(value)):
+        raise ValueError(f"{name} must be a {'whole' if whole else 'finite'} number; got {value}")
+    return int(value) if whole else value
 
 
 def read_form(values: dict) -> infer.Settings:
     """The form's values as checked CLI `Settings` (a random seed drawn here when asked for)."""
-    seed = random.randrange(2**32) if values["random_seed"] else _whole("seed", values["seed"])
+    seed = random.randrange(2**32) if values["random_seed"] else _number("seed", values["seed"], whole=True)
     if not 0 <= seed < 2**64:
         raise ValueError(f"seed must be between 0 and 2**64 - 1; got {seed}")
-    if values["cfg_scale"] is None or values["threshold_noise"] is None:
-        raise ValueError("the CFG scale and the threshold noise must not be empty")
     return infer.Settings(
         prompt=values["prompt"] or "",
         negative_prompt=values["negative_prompt"] or "",
-        width=_whole("width", values["width"]),
-        height=_whole("height", values["height"]),
-        num_frames=_whole("number of frames", values["num_frames"]),
+        width=_number("width", values["width"], whole=True),
+        height=_number("height", values["height"], whole=True),
+        num_frames=_number("number of frames", values["num_frames"], whole=True),
         seed=seed,
-        cfg_scale=float(values["cfg_scale"]),
-        num_steps=_whole("steps", values["num_steps"]),
-        threshold_noise=float(values["threshold_noise"]),
-        linear_steps=_whole("linear steps", values["linear_steps"], optional=True),
+        cfg_scale=_number("CFG scale", values["cfg_scale"]),
+        num_steps=_number("steps", values["num_steps"], whole=True),
+        threshold_noise=_number("threshold noise", values["threshold_noise"]),
+        linear_steps=_number("linear steps", values["linear_steps"], whole=True, optional=True),
     ).check()
 
 
@@ -78,7 +78,7 @@ def make_handler(pipe: MochiPipeline, args: argparse.Namespace, model_dir: Path)
             video = infer.generate(pipe, s, args, infer.new_output_path(args.out_dir), model_dir, callback=on_step)
         except USER_ERRORS as e:
             print(f"error: {e}", file=sys.stderr)
-            raise gr.Error(str(e), title="Cannot generate", print_exception=False) from e
+            raise gr.Error(str(e), print_exception=False) from e
         return str(video), json.loads(video.with_suffix(".json").read_text()), s.seed
 
     return generate
@@ -87,7 +87,8 @@ def make_handler(pipe: MochiPipeline, args: argparse.Namespace, model_dir: Path)
 def build_ui(pipe: MochiPipeline, args: argparse.Namespace, model_dir: Path) -> gr.Blocks:
     """The page: settings on the left, the video and its sidecar on the right."""
     d = infer.settings_from_args(args, infer.model_defaults(model_dir))  # flags > the folder's defaults > CLI's
-    with gr.Blocks(title="Mochi 1 preview") as demo:
+    # gradio serves copies of the videos from its cache; drop copies older than a day (the originals stay in out_dir)
+    with gr.Blocks(title="Mochi 1 preview", delete_cache=(3600, 86400)) as demo:
         gr.Markdown(f"## Mochi 1 preview\nModel: `{model_dir}` · videos are saved in `{args.out_dir.resolve()}`")
         if args.model_dir is None:
             gr.Markdown("**No --model_dir given: this model has RANDOM weights; it makes noise, not video.**")
@@ -146,7 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     demo = build_ui(pipe, args, model_dir)
     # One generation on the device at a time; a bounded queue refuses requests beyond it instead of piling up.
     demo.queue(default_concurrency_limit=1, max_size=args.max_queue)
-    demo.launch(server_name=args.host, server_port=args.port, allowed_paths=[str(args.out_dir.resolve())])
+    # show_error: an unexpected failure still shows its message in the page (the traceback stays in the console)
+    out = str(args.out_dir.resolve())
+    demo.launch(server_name=args.host, server_port=args.port, allowed_paths=[out], show_error=True)
     return 0
 
 

@@ -7,6 +7,7 @@ dim_x-wide heads; the text stream is projected up for attention and back down af
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,9 @@ from .layers import (
     swiglu_hidden_size,
 )
 from .rope import apply_rope, rope_cos_sin, rope_positions
+
+if TYPE_CHECKING:
+    from ..distributed import ContextParallel
 
 
 @dataclass(frozen=True)
@@ -63,7 +67,7 @@ class AsymmetricAttention(nn.Module):
 
     def __init__(self, cfg: DiTConfig, update_y: bool):
         super().__init__()
-        self.num_heads = cfg.num_heads
+        self.head_dim = cfg.head_dim
         self.qkv_x = nn.Linear(cfg.dim_x, 3 * cfg.dim_x, bias=False)
         self.qkv_y = nn.Linear(cfg.dim_y, 3 * cfg.dim_x, bias=False)  # text projected up to the visual width
         self.q_norm_x = RMSNorm(cfg.head_dim)
@@ -73,12 +77,21 @@ class AsymmetricAttention(nn.Module):
         self.proj_x = nn.Linear(cfg.dim_x, cfg.dim_x)
         self.proj_y = nn.Linear(cfg.dim_x, cfg.dim_y) if update_y else None
 
-    def forward(self, x, y, rope, packing: TextPacking, backend: str):
-        """x (B, N, Dx), y (B, L, Dy) -> x_attn (B, N, Dx), y_attn (B, L, Dy) or None in the last block."""
-        n = x.shape[1]
-        split = lambda t: rearrange(t, "b s (three h d) -> three b h s d", three=3, h=self.num_heads)
-        q_x, k_x, v_x = split(self.qkv_x(x))  # (B, H, N, d) each
+    def forward(self, x, y, rope, packing: TextPacking, backend: str, cp: ContextParallel | None = None):
+        """x (B, N, Dx), y (B, L, Dy) -> x_attn (B, N, Dx), y_attn (B, L, Dy) or None in the last block.
+
+        With context parallelism, x holds this rank's M of the N visual tokens; attention runs on all N tokens for
+        this rank's H / G heads, an all-to-all swapping tokens for heads before it and back after it.
+        """
+        split = lambda t: rearrange(t, "b s (three h d) -> three b h s d", three=3, d=self.head_dim)
+        qkv_x = self.qkv_x(x)  # (B, N, 3 Dx), or (B, M, 3 Dx) under context parallelism
+        if cp is not None:
+            qkv_x = cp.tokens_to_heads(qkv_x, num_tokens=rope[0].shape[0])  # (B, N, 3 Dx / G): all tokens
+        q_x, k_x, v_x = split(qkv_x)  # (B, H, N, d) each
         q_y, k_y, v_y = split(self.qkv_y(packing.gather(y)))  # (B, H, Lp, d) each: valid text only
+        if cp is not None:
+            q_y, k_y, v_y = (cp.local_heads(t, dim=1) for t in (q_y, k_y, v_y))  # text is replicated
+        n = q_x.shape[2]
         q_x = apply_rope(self.q_norm_x(q_x), *rope)
         k_x = apply_rope(self.k_norm_x(k_x), *rope)
         q = torch.cat([q_x, self.q_norm_y(q_y)], dim=2)  # (B, H, N + Lp, d)
@@ -86,10 +99,14 @@ class AsymmetricAttention(nn.Module):
         v = torch.cat([v_x, v_y], dim=2)
 
         out = rearrange(joint_attention(q, k, v, n, packing, backend), "b h s d -> b s (h d)")  # (B, N + Lp, Dx)
-        x_attn = self.proj_x(out[:, :n])  # (B, N, Dx)
+        out_x, out_y = out[:, :n], out[:, n:]
+        if cp is not None:
+            out_x = cp.heads_to_tokens(out_x)  # (B, M, Dx): this rank's tokens, all heads
+            out_y = cp.gather_heads(out_y)  # (B, Lp, Dx): all heads
+        x_attn = self.proj_x(out_x)  # (B, N, Dx)
         if self.proj_y is None:
             return x_attn, None
-        return x_attn, self.proj_y(packing.scatter(out[:, n:]))  # (B, L, Dy), padding rows = proj_y bias
+        return x_attn, self.proj_y(packing.scatter(out_y))  # (B, L, Dy), padding rows = proj_y bias
 
 
 class AsymmetricJointBlock(nn.Module):
@@ -107,14 +124,14 @@ class AsymmetricJointBlock(nn.Module):
         self.mlp_x = FeedForward(cfg.dim_x, cfg.mlp_hidden_x)
         self.mlp_y = FeedForward(cfg.dim_y, cfg.mlp_hidden_y) if update_y else None
 
-    def forward(self, x, y, c_act, rope, packing: TextPacking, backend: str = "sdpa"):
+    def forward(self, x, y, c_act, rope, packing: TextPacking, backend: str = "sdpa", cp=None):
         """x (B, N, Dx), y (B, L, Dy), c_act = silu(c) (B, Dx) -> updated x, y."""
         scale_msa_x, gate_msa_x, scale_mlp_x, gate_mlp_x = self.mod_x(c_act).chunk(4, dim=-1)  # (B, Dx) each
         mod_y = self.mod_y(c_act)  # (B, 4 Dy), or (B, Dy) in the last block
         scale_msa_y = mod_y if not self.update_y else mod_y.chunk(4, dim=-1)[0]
 
         x_attn, y_attn = self.attn(
-            modulated_rms_norm(x, scale_msa_x), modulated_rms_norm(y, scale_msa_y), rope, packing, backend
+            modulated_rms_norm(x, scale_msa_x), modulated_rms_norm(y, scale_msa_y), rope, packing, backend, cp
         )
         x = residual_gated_rms_norm(x, x_attn, gate_msa_x)  # (B, N, Dx)
         x = residual_gated_rms_norm(x, self.mlp_x(modulated_rms_norm(x, scale_mlp_x)), gate_mlp_x)
@@ -141,6 +158,7 @@ class AsymmDiT(nn.Module):
         self.pos_frequencies = nn.Parameter(torch.zeros(3, cfg.num_heads, cfg.head_dim // 2))
         self.blocks = nn.ModuleList(AsymmetricJointBlock(cfg, update_y=i < cfg.depth - 1) for i in range(cfg.depth))
         self.final_layer = FinalLayer(cfg.dim_x, p * p * cfg.in_channels)
+        self.context_parallel: ContextParallel | None = None  # set by MochiPipeline.enable_context_parallel
 
     def fp32_parameter_names(self) -> list[str]:
         """Parameters kept in fp32 whatever the compute dtype: RoPE frequencies and QK-norm weights."""
@@ -173,11 +191,17 @@ class AsymmDiT(nn.Module):
         positions = rope_positions(t, rows, cols).to(latents.device)  # (N, 3)
         rope = rope_cos_sin(self.pos_frequencies, positions)  # (N, H, d/2) each, fp32
         packing = TextPacking.from_mask(text_mask)
+        cp = self.context_parallel
+        if cp is not None:  # this rank keeps M of the N tokens, and H / G heads in attention
+            x = cp.split_tokens(x)  # (B, M, Dx)
+            rope = tuple(cp.local_heads(r, dim=1) for r in rope)  # (N, H / G, d/2) each
 
         for block in self.blocks:
-            x, y = block(x, y, c_act, rope, packing, self.attention_backend)  # (B, N, Dx), (B, L, Dy)
+            x, y = block(x, y, c_act, rope, packing, self.attention_backend, cp)  # (B, N, Dx), (B, L, Dy)
 
         x = self.final_layer(x, c_act)  # (B, N, p*p*C)
+        if cp is not None:
+            x = cp.gather_tokens(x, num_tokens=t * rows * cols)  # (B, N, p*p*C) on every rank
         v = rearrange(x, "b (t h w) (p1 p2 c) -> b c t (h p1) (w p2)", t=t, h=rows, w=cols, p1=p, p2=p)
         return v.float()  # (B, C, T, H, W)
 

@@ -39,6 +39,7 @@ RESBLOCK_FACTOR = 8.0
 ATTENTION_FACTOR = 12.0
 DEFAULT_BUDGET_FRACTION = 0.8
 MODES = ("auto", "full", "streaming", "tiled")
+TILE_SIZE = 32  # latent pixels per tile in mode "tiled" when no tile counts are given
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,8 @@ def decode(
     """Raw VAE-space latents (B, 12, T, H, W) -> float32 video (B, 3, 6T - 5, 8H, 8W), before any clamping.
 
     mode "full": all at once. "streaming": `frames_per_chunk` latent frames at a time (default 1), equal to full.
-    "tiled": `tiles` = (rows, cols) overlapping by `overlap` latent pixels, streamed if `frames_per_chunk` is set.
+    "tiled": `tiles` = (rows, cols) overlapping by `overlap` latent pixels (default: tiles of at most 32 latent
+    pixels), each streamed through time if `frames_per_chunk` is set.
     "auto": chosen by `plan_decode` for `memory_budget` bytes (default: 80% of the device's free memory).
     """
     cfg = decoder.config
@@ -82,9 +84,8 @@ def decode(
             raise ValueError("mode 'streaming' takes no tiles; use mode 'tiled' with frames_per_chunk to combine")
         plan = DecodePlan(frames_per_chunk or 1, (1, 1), overlap, 0)
     elif mode == "tiled":
-        if tiles is None:
-            raise ValueError("mode 'tiled' needs tiles=(rows, cols), e.g. tiles=(2, 4)")
-        plan = DecodePlan(frames_per_chunk, tuple(tiles), overlap, 0)
+        tiles = tuple(tiles) if tiles is not None else default_tiles(z.shape[3:], overlap)
+        plan = DecodePlan(frames_per_chunk, tiles, overlap, 0)
     else:
         if frames_per_chunk is not None or tiles is not None:
             raise ValueError("mode 'auto' chooses frames_per_chunk and tiles; pass a memory_budget instead")
@@ -92,6 +93,11 @@ def decode(
         budget = memory_budget if memory_budget is not None else int(DEFAULT_BUDGET_FRACTION * free_memory(device))
         plan = plan_decode(cfg, tuple(z.shape), decoder.output_proj.weight.dtype, budget, overlap)
     return run_plan(decoder, z, plan)
+
+
+def default_tiles(size: tuple[int, int], overlap: int) -> tuple[int, int]:
+    """Tile counts giving tiles of at most TILE_SIZE latent pixels (256 video pixels, as diffusers' default)."""
+    return tuple(max(1, -(-(n - overlap) // max(TILE_SIZE - overlap, 1))) for n in size)
 
 
 def check_latents(z: torch.Tensor, cfg: DecoderConfig) -> None:

@@ -1,0 +1,306 @@
+"""Context-parallel generation over torch.distributed: N processes (one per GPU, or CPU processes) make one video.
+
+* Sequence parallelism (Ulysses): each rank of a sequence group of G ranks keeps M = ceil(N / G) of the N visual
+  tokens (zero tokens pad the last rank). Around attention, an all-to-all swaps tokens for heads: every rank attends
+  over all N real tokens for H / G heads (the padding is cut before attention and restored after it, so it never
+  serves as a key), then a second all-to-all swaps back. Text tokens, the conditioning and the text stream are
+  replicated; the final visual outputs are all-gathered.
+* CFG parallelism: with `cfg_parallel` and an even world size, ranks [0, N/2) run the conditional pass and
+  [N/2, N) the unconditional one, each half a sequence group of N/2; rank i and rank i + N/2 swap velocities.
+* Weights: replicated by default; `shard_dit` keeps block i only on rank i mod N, broadcast just before it runs.
+* Failures: a rank that raises inside `guard()` posts its rank and error in the process group's store; every other
+  rank stops with that message, either from the collective that fails when the rank goes away or, if that rank's
+  process lives on, from a watcher thread that sees the post. Collectives also carry a timeout.
+
+Launch: `torchrun --nproc_per_node=N -m mochi_preview.infer ...`, or `init_distributed()` then
+`pipe.enable_context_parallel()` inside any process group.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from contextlib import contextmanager
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+DEFAULT_TIMEOUT = 600.0  # seconds a collective may wait for a peer before it fails
+FAILED_KEY = "mochi_preview/failed"  # store key holding "<rank>:<message>" of the first rank that failed
+POLL_SECONDS = 0.5  # how often the watcher looks for a failure post
+GRACE_SECONDS = 3.0  # time the main thread gets to notice a peer's failure itself before the watcher exits
+
+
+class RankFailedError(RuntimeError):
+    """Another rank of the group failed; this rank stops too."""
+
+
+def init_distributed(timeout: float = DEFAULT_TIMEOUT) -> None:
+    """Join the process group torchrun describes (RANK, WORLD_SIZE, MASTER_ADDR, ...): NCCL on GPUs, gloo on CPUs."""
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        raise RuntimeError("no process group: launch with `torchrun --nproc_per_node=N ...` (which sets RANK etc.)")
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", timeout=timedelta(seconds=timeout), device_id=device)
+    else:
+        dist.init_process_group("gloo", timeout=timedelta(seconds=timeout))
+
+
+def launched_world_size() -> int:
+    """Processes torchrun started for this job (1 when run directly)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+class ContextParallel:
+    """The ranks of `group` making one video: token/head split for the DiT, CFG halves, failure propagation."""
+
+    def __init__(self, group: dist.ProcessGroup | None = None, cfg_parallel: bool = False, device=None):
+        self.group = group or dist.group.WORLD
+        self.rank, self.world_size = dist.get_rank(self.group), dist.get_world_size(self.group)
+        self.global_ranks = dist.get_process_group_ranks(self.group)  # group rank -> global rank
+        self.global_rank = self.global_ranks[self.rank]  # what torchrun and the messages call this rank
+        if device is None:
+            device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        if cfg_parallel and self.world_size % 2:
+            raise ValueError(f"CFG parallelism needs an even number of ranks; got {self.world_size}")
+        halves = 2 if cfg_parallel else 1
+        self.seq_size = self.world_size // halves
+        self.cfg_rank, self.seq_rank = divmod(self.rank, self.seq_size)  # cfg_rank 0: conditional, 1: unconditional
+        # new_group is collective: every rank creates every group, in the same order.
+        if halves == 1:
+            self.seq_group, self.cfg_group = self.group, None
+        else:
+            seq = [dist.new_group(self.global_ranks[i * self.seq_size : (i + 1) * self.seq_size]) for i in range(2)]
+            pairs = [dist.new_group([self.global_ranks[j], self.global_ranks[j + self.seq_size]]) for j in
+                     range(self.seq_size)]  # fmt: skip
+            self.seq_group, self.cfg_group = seq[self.cfg_rank], pairs[self.seq_rank]
+        self.bytes_sent = 0  # by this rank's collectives since construction (benchmarks read it)
+        self._store = dist.distributed_c10d._get_default_store()
+        self._noticed = threading.Event()  # set once this rank has seen a failure itself
+        threading.Thread(target=self._watch, name="mochi-failure-watcher", daemon=True).start()
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 of the group: the one that writes files and shows progress."""
+        return self.rank == 0
+
+    # ---- sequence parallelism ------------------------------------------------------------------------------
+
+    def split_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N, D) -> (B, M, D): this rank's contiguous share, M = ceil(N / G); the last rank's tail is zeros."""
+        m = -(-x.shape[1] // self.seq_size)
+        x = F.pad(x, (0, 0, 0, m * self.seq_size - x.shape[1]))
+        return x[:, self.seq_rank * m : (self.seq_rank + 1) * m]
+
+    def local_heads(self, t: torch.Tensor, dim: int) -> torch.Tensor:
+        """This rank's H / G heads of a tensor with a heads axis at `dim`."""
+        return t.chunk(self.seq_size, dim=dim)[self.seq_rank]
+
+    def tokens_to_heads(self, qkv: torch.Tensor, num_tokens: int) -> torch.Tensor:
+        """(B, M, 3 H d) on local tokens -> (B, N, 3 (H/G) d) on all N real tokens for this rank's heads."""
+        send = rearrange(qkv, "b m (three g hd) -> g b m three hd", three=3, g=self.seq_size).contiguous()
+        recv = self._all_to_all(send)  # chunk g: rank g's tokens for our heads
+        return rearrange(recv, "g b m three hd -> b (g m) (three hd)")[:, :num_tokens]
+
+    def heads_to_tokens(self, out: torch.Tensor) -> torch.Tensor:
+        """(B, N, (H/G) d) for this rank's heads -> (B, M, H d) for this rank's tokens."""
+        m = -(-out.shape[1] // self.seq_size)
+        out = F.pad(out, (0, 0, 0, m * self.seq_size - out.shape[1]))  # padding tokens come back as zeros
+        recv = self._all_to_all(rearrange(out, "b (g m) hd -> g b m hd", g=self.seq_size).contiguous())
+        return rearrange(recv, "g b m hd -> b m (g hd)")  # chunk g: our tokens for rank g's heads
+
+    def gather_heads(self, t: torch.Tensor) -> torch.Tensor:
+        """(B, L, (H/G) d) -> (B, L, H d): every rank's heads, in head order."""
+        return torch.cat(self.all_gather(t, self.seq_group), dim=-1)
+
+    def gather_tokens(self, x: torch.Tensor, num_tokens: int) -> torch.Tensor:
+        """(B, M, D) -> (B, N, D): every rank's tokens in order, padding dropped."""
+        return torch.cat(self.all_gather(x, self.seq_group), dim=1)[:, :num_tokens]
+
+    def _all_to_all(self, send: torch.Tensor) -> torch.Tensor:
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send, group=self.seq_group)  # chunk g of dim 0 goes to rank g
+        self.bytes_sent += send.nbytes * (self.seq_size - 1) // self.seq_size
+        return recv
+
+    def all_gather(self, t: torch.Tensor, group) -> list[torch.Tensor]:
+        """Every rank's `t` (same shape everywhere), in rank order."""
+        t = t.contiguous()
+        parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, t, group=group)
+        self.bytes_sent += t.nbytes * (len(parts) - 1)
+        return parts
+
+    # ---- failures ------------------------------------------------------------------------------------------
+
+    @contextmanager
+    def guard(self):
+        """Run a piece of SPMD work: if it raises here, the other ranks stop; if another rank failed, say which."""
+        try:
+            yield
+        except RankFailedError:
+            raise
+        except BaseException as e:
+            self._noticed.set()
+            # The first post wins: a peer's later error (e.g. a closed connection) is a consequence of it.
+            mine = f"{self.global_rank}:rank {self.global_rank} failed: {_describe(e)}"
+            rank, message = self._store.compare_set(FAILED_KEY, "", mine).decode().split(":", 1)
+            if int(rank) != self.global_rank:
+                raise RankFailedError(f"{message} (rank {self.global_rank} stopped)") from e
+            raise
+
+    def _watch(self) -> None:
+        """Stop this process when another rank posted a failure that the main thread has not noticed in time."""
+        me = self.global_rank
+        while not self._noticed.wait(POLL_SECONDS):
+            try:
+                if not self._store.check([FAILED_KEY]):
+                    continue
+                rank, message = self._store.get(FAILED_KEY).decode().split(":", 1)
+            except Exception:  # the store went away (the job is over): nothing left to watch
+                return
+            if int(rank) == me or self._noticed.wait(GRACE_SECONDS):
+                return
+            # The main thread is stuck in a collective with a rank that will never answer: no clean way out.
+            print(f"error: {message} (rank {me} stopped)", file=sys.stderr, flush=True)
+            os._exit(1)
+
+    def close(self) -> None:
+        """Stop the watcher (e.g. before destroying the process group)."""
+        self._noticed.set()
+
+    def broadcast_object(self, obj):
+        """Rank 0's value of `obj` on every rank (e.g. a decision that depends on rank 0's files)."""
+        box = [obj]
+        dist.broadcast_object_list(box, src=self.global_ranks[0], group=self.group)
+        return box[0]
+
+
+def _describe(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+
+
+class CFGParallelDiT:
+    """The DiT as the batched-CFG sampler calls it ([cond; uncond] batch): this half of the ranks runs one half."""
+
+    def __init__(self, dit: nn.Module, cp: ContextParallel):
+        if cp.cfg_group is None:
+            raise ValueError("CFGParallelDiT needs a ContextParallel made with cfg_parallel=True")
+        self.dit, self.cp = dit, cp
+
+    def __call__(self, z, sigma, features, mask) -> torch.Tensor:
+        """z (2B, C, T, H, W), [cond; uncond] -> velocity (2B, C, T, H, W), both halves on every rank."""
+        b = z.shape[0] // 2
+        mine = slice(self.cp.cfg_rank * b, (self.cp.cfg_rank + 1) * b)
+        v = self.dit(z[mine], sigma[mine], features[mine], mask[mine]).float()
+        return torch.cat(self.cp.all_gather(v, self.cp.cfg_group))  # cfg rank 0 holds cond: [cond; uncond]
+
+
+# ---- DiT weights sharded by blocks -----------------------------------------------------------------------------
+
+
+class BlockSharding:
+    """Block i of the DiT lives on rank i mod N only; it is broadcast to the others just before it runs (the next
+    block's broadcast overlaps this block's compute) and dropped after, so a rank holds ~depth/N + 2 blocks."""
+
+    def __init__(self, blocks: nn.ModuleList, cp: ContextParallel):
+        self.cp = cp
+        self.owner = [i % cp.world_size for i in range(len(blocks))]
+        self.params = [[(m, name, p.shape, p.dtype) for m in b.modules() for name, p in m.named_parameters(
+            recurse=False)] for b in blocks]  # fmt: skip
+        self.pending: dict[int, list] = {}  # block index -> [(work, flat buffer, params of that dtype)]
+        self.blocks = blocks
+        for i, block in enumerate(blocks):
+            if self.owner[i] != cp.rank:
+                self._release(i)
+            block.register_forward_pre_hook(lambda module, args, i=i: self._gather(i))
+            block.register_forward_hook(lambda module, args, out, i=i: self._release(i))
+
+    def _start(self, i: int) -> None:
+        """Launch block i's broadcast: one flat buffer per dtype (fp32 QK-norm weights, bf16 the rest)."""
+        by_dtype: dict[torch.dtype, list] = {}
+        for entry in self.params[i]:
+            by_dtype.setdefault(entry[3], []).append(entry)
+        mine = self.owner[i] == self.cp.rank
+        m, name, _, _ = self.params[i][0]
+        device = getattr(m, name).device  # real or placeholder, it sits where the block runs
+        works = []
+        for dtype, entries in sorted(by_dtype.items(), key=lambda kv: str(kv[0])):  # same order on every rank
+            if mine:
+                flat = torch.cat([getattr(m, name).reshape(-1) for m, name, _, _ in entries])
+            else:
+                flat = torch.empty(sum(shape.numel() for _, _, shape, _ in entries), dtype=dtype, device=device)
+            src = self.cp.global_ranks[self.owner[i]]
+            works.append((dist.broadcast(flat, src=src, group=self.cp.group, async_op=True), flat, entries))
+            if mine:
+                self.cp.bytes_sent += flat.nbytes * (self.cp.world_size - 1)
+        self.pending[i] = works
+
+    def _gather(self, i: int) -> None:
+        if i not in self.pending:
+            self._start(i)
+        for work, flat, entries in self.pending.pop(i):
+            work.wait()
+            if self.owner[i] != self.cp.rank:
+                offset = 0
+                for m, name, shape, _ in entries:
+                    getattr(m, name).data = flat[offset : offset + shape.numel()].view(shape)
+                    offset += shape.numel()
+        if i + 1 < len(self.blocks):
+            self._start(i + 1)  # prefetch: it travels while block i computes
+
+    def _release(self, i: int) -> None:
+        if self.owner[i] == self.cp.rank:
+            return
+        for m, name, _, dtype in self.params[i]:
+            p = getattr(m, name)
+            device = p.device if p.device.type != "meta" else self.cp.device
+            setattr(m, name, nn.Parameter(torch.empty(0, dtype=dtype, device=device), requires_grad=False))
+
+
+def shard_dit(dit: nn.Module, cp: ContextParallel) -> nn.Module:
+    """Keep only this rank's blocks of `dit` (block i on rank i mod N); the others arrive by broadcast when needed."""
+    if getattr(dit, "block_sharding", None) is not None:
+        return dit
+    dit.block_sharding = BlockSharding(dit.blocks, cp)
+    return dit
+
+
+def load_dit_sharded(
+    path: str | Path, cp: ContextParallel, dtype: torch.dtype = torch.bfloat16, attention_backend: str = "sdpa"
+) -> nn.Module:
+    """Load a DiT reading only this rank's blocks (and the small shared layers) from the checkpoint, onto cp.device."""
+    from .dit import AsymmDiT
+    from .dit.weights import infer_dit_config, open_dit_checkpoint
+    from .weights import CheckpointError, Recipe, native_shapes
+
+    files, layout, name = open_dit_checkpoint(path)
+    cfg = infer_dit_config(native_shapes(files, layout))
+    with torch.device("meta"):
+        model = AsymmDiT(cfg, attention_backend=attention_backend)
+    fp32 = set(model.fp32_parameter_names())
+    state = {}
+    for key, meta in model.state_dict().items():
+        parts = key.split(".")
+        target = torch.float32 if key in fp32 else dtype
+        if parts[0] == "blocks" and int(parts[1]) % cp.world_size != cp.rank:
+            # Another rank's block: never read; a meta tensor of the right dtype until shard_dit drops it.
+            state[key] = torch.empty_like(meta, dtype=target)
+            continue
+        recipe = layout.get(key, Recipe((key,)))
+        if missing := [k for k in recipe.sources if k not in files]:
+            raise CheckpointError(f"DiT checkpoint {path} ({name}) lacks {missing} for {key!r}")
+        state[key] = recipe.build(files.get, target).to(cp.device)
+    model.load_state_dict(state, strict=False, assign=True)
+    return shard_dit(model.eval().requires_grad_(False), cp)

@@ -1,0 +1,147 @@
+"""One rank of the context-parallel tests: `python distributed_worker.py SCENARIO OUT` under torchrun's env vars.
+
+Rank 0 saves what it computed to OUT (torch.save); tests/test_distributed.py compares it with one process.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+from dit_fixtures import randomize_, text_inputs
+
+from mochi_preview import AsymmDiT, DiTConfig
+from mochi_preview.distributed import CFGParallelDiT, ContextParallel, init_distributed, shard_dit
+from mochi_preview.sampling import denoise, linear_quadratic_schedule
+from mochi_preview.vae import Decoder, DecoderConfig
+from mochi_preview.vae.parallel import decode_time_split
+
+# 6 heads: 2, 3 and 6 ranks divide them. Token counts 20 = 2*2*5 (not divisible by 3) and 15 = 3*1*5 (not by 2).
+CFG = DiTConfig(depth=2, num_heads=6, head_dim=32, dim_y=64, mlp_hidden_x=256, mlp_hidden_y=128, text_dim=32)
+LATENT_SHAPES = [(1, 12, 2, 4, 10), (1, 12, 3, 2, 10)]
+SIGMAS = linear_quadratic_schedule(3)
+GUIDANCE = 4.5
+DECODERS = {
+    "plain": DecoderConfig(channels=(32, 32, 32, 32), num_res_blocks=(1, 1, 1, 1, 1)),
+    "attention": DecoderConfig(channels=(32, 32, 32, 32), num_res_blocks=(1, 1, 1, 1, 1), has_attention=(True,) * 5),
+}
+
+
+def make_dit() -> AsymmDiT:
+    return randomize_(AsymmDiT(CFG), seed=11).eval()
+
+
+def make_text():
+    cond = text_inputs(1, length=16, dim=CFG.text_dim, valid=(7,), seed=1)
+    uncond = text_inputs(1, length=16, dim=CFG.text_dim, valid=(2,), seed=2)
+    batch = text_inputs(2, length=16, dim=CFG.text_dim, valid=(3, 11), seed=3)  # B = 2, different lengths
+    return cond, uncond, batch
+
+
+def make_latents(shape) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(sum(shape)))
+
+
+def make_decoder(name: str) -> Decoder:
+    torch.manual_seed(5)
+    decoder = Decoder(DECODERS[name]).eval()
+    with torch.no_grad():
+        for p in decoder.parameters():
+            p.mul_(2.0 if p.ndim > 1 else 1.0)  # default init shrinks activations to ~0: make the frames busy
+    return decoder
+
+
+def reference(dit: AsymmDiT) -> dict:
+    """What one process computes, under the same names as `run_dit`."""
+    cond, uncond, batch = make_text()
+    out = {}
+    with torch.no_grad():
+        for shape in LATENT_SHAPES:
+            z = make_latents(shape)
+            out[f"{shape}/latents"] = denoise(dit, z, SIGMAS, cond, uncond, GUIDANCE)
+            zz = torch.cat([z, -z])
+            out[f"{shape}/batch2"] = dit(zz, torch.tensor([0.7, 0.2]), *batch)
+    return out
+
+
+def run_dit(cfg_parallel: bool) -> dict:
+    world = dist.get_world_size()
+    base = make_dit()
+    sharded = copy.deepcopy(base)
+    cp = ContextParallel(cfg_parallel=cfg_parallel)
+    cond, uncond, batch = make_text()
+    out = {}
+    for name, dit in (("", base), ("sharded/", shard_dit(sharded, cp))):
+        dit.context_parallel = cp if cp.seq_size > 1 else None
+        model = CFGParallelDiT(dit, cp) if cfg_parallel else dit
+        with torch.no_grad():
+            for shape in LATENT_SHAPES:
+                z = make_latents(shape)
+                out[f"{name}{shape}/latents"] = denoise(model, z, SIGMAS, cond, uncond, GUIDANCE, cfg_parallel)
+                if not cfg_parallel:
+                    zz = torch.cat([z, -z])
+                    out[f"{name}{shape}/batch2"] = dit(zz, torch.tensor([0.7, 0.2]), *batch)
+    assert world == 1 or sum(p.numel() for p in sharded.blocks.parameters()) < sum(
+        p.numel() for p in base.blocks.parameters()
+    ), "sharding kept every block"
+    out["bytes_sent"] = cp.bytes_sent
+    return out
+
+
+def run_vae() -> dict:
+    out = {}
+    with torch.no_grad():
+        for name in DECODERS:
+            decoder = make_decoder(name)
+            for t in (1, 2, 5):  # fewer latent frames than ranks, and uneven slices
+                z = make_latents((1, 12, t, 3, 4))
+                out[f"{name}/{t}"] = decode_time_split(decoder, z)
+    return out
+
+
+def run_failure(hang: bool) -> None:
+    """Rank 1 raises in the first block while rank 0 waits for it in the all-to-all."""
+    cp = ContextParallel()
+    dit = make_dit()
+    dit.context_parallel = cp
+
+    def boom(module, args):
+        if cp.rank == 1:
+            raise ValueError("boom from the test")
+
+    dit.blocks[0].attn.qkv_x.register_forward_pre_hook(boom)
+    cond, _, _ = make_text()
+    try:
+        with cp.guard(), torch.no_grad():
+            dit(make_latents(LATENT_SHAPES[0]), 0.5, *cond)
+    except ValueError:
+        if hang:  # this process lives on (e.g. a notebook that caught the error): the others must still stop
+            time.sleep(120)
+        raise
+
+
+def main() -> None:
+    scenario, out_path = sys.argv[1], sys.argv[2]
+    torch.set_num_threads(1)
+    init_distributed(timeout=60)
+    if scenario == "dit":
+        result = run_dit(cfg_parallel=False)
+    elif scenario == "dit_cfg":
+        result = run_dit(cfg_parallel=True)
+    elif scenario == "vae":
+        result = run_vae()
+    elif scenario in ("fail", "fail_hang"):
+        result = run_failure(hang=scenario == "fail_hang")
+    else:
+        raise SystemExit(f"unknown scenario {scenario}")
+    if dist.get_rank() == 0:
+        torch.save(result, out_path)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
