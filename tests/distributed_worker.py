@@ -1,4 +1,4 @@
-"""One rank of the context-parallel tests: `python distributed_worker.py SCENARIO OUT` under torchrun's env vars.
+"""One rank of the context-parallel tests: `python distributed_worker.py OUT SCENARIO...` with torchrun's env vars.
 
 Rank 0 saves what it computed to OUT (torch.save); tests/test_distributed.py compares it with one process.
 """
@@ -104,7 +104,7 @@ def run_vae() -> dict:
 
 def run_failure(hang: bool) -> None:
     """Rank 1 raises in the first block while rank 0 waits for it in the all-to-all."""
-    cp = ContextParallel()
+    cp = ContextParallel(cfg_parallel=False)  # sequence parallel: rank 0 needs rank 1 inside every block
     dit = make_dit()
     dit.context_parallel = cp
 
@@ -123,22 +123,22 @@ def run_failure(hang: bool) -> None:
         raise
 
 
+SCENARIOS = {
+    "dit": lambda: run_dit(cfg_parallel=False),
+    "dit_cfg": lambda: run_dit(cfg_parallel=True),
+    "vae": run_vae,
+    "fail": lambda: run_failure(hang=False),
+    "fail_hang": lambda: run_failure(hang=True),
+}
+
+
 def main() -> None:
-    scenario, out_path = sys.argv[1], sys.argv[2]
+    out_path, scenarios = sys.argv[1], sys.argv[2:]  # several per launch: starting processes is the slow part
     torch.set_num_threads(1)
     init_distributed(timeout=60)
-    if scenario == "dit":
-        result = run_dit(cfg_parallel=False)
-    elif scenario == "dit_cfg":
-        result = run_dit(cfg_parallel=True)
-    elif scenario == "vae":
-        result = run_vae()
-    elif scenario in ("fail", "fail_hang"):
-        result = run_failure(hang=scenario == "fail_hang")
-    else:
-        raise SystemExit(f"unknown scenario {scenario}")
+    results = {name: SCENARIOS[name]() for name in scenarios}
     if dist.get_rank() == 0:
-        torch.save(result, out_path)
+        torch.save(results, out_path)
     dist.barrier()
     dist.destroy_process_group()
 

@@ -147,3 +147,30 @@ def test_diffusers_folder_loads_and_matches_diffusers_pipeline_latents(diffusers
     err = float((a - b).abs().max() / b.abs().max())
     print("pipeline parity rel err", err)
     assert err < 1e-4
+
+
+def test_sequential_offload_streams_one_block_at_a_time(native_dir, monkeypatch):
+    """On a CPU there is no second device, so watch the moves: each DiT and T5 block goes to the device just before
+    it runs and back right after, so at most one block is ever on the device."""
+    pipe = MochiPipeline.from_pretrained(native_dir, torch_dtype=torch.float32, device="cpu")
+    pipe.enable_sequential_cpu_offload()
+    events = []
+    blocks = {id(b): f"dit{i}" for i, b in enumerate(pipe.dit.blocks)}
+    blocks |= {id(b): f"t5_{i}" for i, b in enumerate(pipe.text_encoder.model.encoder.block)}
+    original = torch.nn.Module.to
+
+    def spy(module, *args, **kwargs):
+        if id(module) in blocks:
+            # Loads pass the pipeline's torch.device, unloads the string "cpu": both are the CPU here.
+            target = args[0] if args else kwargs.get("device")
+            events.append((blocks[id(module)], "cpu" if isinstance(target, str) else "device"))
+        return original(module, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.Module, "to", spy)
+    pipe("a cat", seed=1, **{**SMALL, "num_inference_steps": 1}, guidance_scale=1.0)
+    loads = [name for name, where in events if where != "cpu"]
+    assert loads == ["t5_0", "t5_1", "dit0", "dit1"]
+    on_device = 0
+    for _, where in events:
+        on_device += 1 if where != "cpu" else -1
+        assert on_device <= 1

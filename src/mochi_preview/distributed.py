@@ -18,6 +18,7 @@ Launch: `torchrun --nproc_per_node=N -m mochi_preview.infer ...`, or `init_distr
 
 from __future__ import annotations
 
+import atexit
 import os
 import sys
 import threading
@@ -35,6 +36,7 @@ DEFAULT_TIMEOUT = 600.0  # seconds a collective may wait for a peer before it fa
 FAILED_KEY = "mochi_preview/failed"  # store key holding "<rank>:<message>" of the first rank that failed
 POLL_SECONDS = 0.5  # how often the watcher looks for a failure post
 GRACE_SECONDS = 3.0  # time the main thread gets to notice a peer's failure itself before the watcher exits
+_failure_seen = threading.Event()  # after a failure, destroying the group at exit could wait on a dead peer
 
 
 class RankFailedError(RuntimeError):
@@ -53,6 +55,12 @@ def init_distributed(timeout: float = DEFAULT_TIMEOUT) -> None:
         dist.init_process_group("nccl", timeout=timedelta(seconds=timeout), device_id=device)
     else:
         dist.init_process_group("gloo", timeout=timedelta(seconds=timeout))
+    atexit.register(_destroy_at_exit)  # we made the group, we end it
+
+
+def _destroy_at_exit() -> None:
+    if dist.is_initialized() and not _failure_seen.is_set():
+        dist.destroy_process_group()
 
 
 def launched_world_size() -> int:
@@ -63,7 +71,8 @@ def launched_world_size() -> int:
 class ContextParallel:
     """The ranks of `group` making one video: token/head split for the DiT, CFG halves, failure propagation."""
 
-    def __init__(self, group: dist.ProcessGroup | None = None, cfg_parallel: bool = False, device=None):
+    def __init__(self, group: dist.ProcessGroup | None = None, cfg_parallel: bool | None = None, device=None):
+        """`cfg_parallel` None: on when the rank count is even (one all-gather per step instead of two passes)."""
         self.group = group or dist.group.WORLD
         self.rank, self.world_size = dist.get_rank(self.group), dist.get_world_size(self.group)
         self.global_ranks = dist.get_process_group_ranks(self.group)  # group rank -> global rank
@@ -71,23 +80,28 @@ class ContextParallel:
         if device is None:
             device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
+        if cfg_parallel is None:
+            cfg_parallel = self.world_size % 2 == 0
         if cfg_parallel and self.world_size % 2:
             raise ValueError(f"CFG parallelism needs an even number of ranks; got {self.world_size}")
         halves = 2 if cfg_parallel else 1
         self.seq_size = self.world_size // halves
         self.cfg_rank, self.seq_rank = divmod(self.rank, self.seq_size)  # cfg_rank 0: conditional, 1: unconditional
-        # new_group is collective: every rank creates every group, in the same order.
         if halves == 1:
             self.seq_group, self.cfg_group = self.group, None
         else:
-            seq = [dist.new_group(self.global_ranks[i * self.seq_size : (i + 1) * self.seq_size]) for i in range(2)]
-            pairs = [dist.new_group([self.global_ranks[j], self.global_ranks[j + self.seq_size]]) for j in
-                     range(self.seq_size)]  # fmt: skip
-            self.seq_group, self.cfg_group = seq[self.cfg_rank], pairs[self.seq_rank]
+            # Only the members of a subgroup take part in making it (`group` may be a part of the world); every
+            # rank makes its half first, then its pair, so no two ranks wait on each other in opposite orders.
+            half = self.global_ranks[self.cfg_rank * self.seq_size : (self.cfg_rank + 1) * self.seq_size]
+            pair = self.global_ranks[self.seq_rank :: self.seq_size]  # rank i and rank i + N/2
+            self.seq_group = dist.new_group(half, use_local_synchronization=True)
+            self.cfg_group = dist.new_group(pair, use_local_synchronization=True)
         self.bytes_sent = 0  # by this rank's collectives since construction (benchmarks read it)
         self._store = dist.distributed_c10d._get_default_store()
-        self._noticed = threading.Event()  # set once this rank has seen a failure itself
-        threading.Thread(target=self._watch, name="mochi-failure-watcher", daemon=True).start()
+        self._noticed = threading.Event()  # set once this rank has seen a failure itself (or is closing)
+        self._watcher = threading.Thread(target=self._watch, name="mochi-failure-watcher", daemon=True)
+        self._watcher.start()
+        atexit.register(self.close)  # stop polling the store before the interpreter tears it down
 
     @property
     def is_main(self) -> bool:
@@ -152,6 +166,7 @@ class ContextParallel:
             raise
         except BaseException as e:
             self._noticed.set()
+            _failure_seen.set()
             # The first post wins: a peer's later error (e.g. a closed connection) is a consequence of it.
             mine = f"{self.global_rank}:rank {self.global_rank} failed: {_describe(e)}"
             rank, message = self._store.compare_set(FAILED_KEY, "", mine).decode().split(":", 1)
@@ -176,8 +191,10 @@ class ContextParallel:
             os._exit(1)
 
     def close(self) -> None:
-        """Stop the watcher (e.g. before destroying the process group)."""
+        """Stop the failure watcher (before destroying the process group; also done at exit)."""
         self._noticed.set()
+        if self._watcher is not threading.current_thread():
+            self._watcher.join(timeout=5.0)
 
     def broadcast_object(self, obj):
         """Rank 0's value of `obj` on every rank (e.g. a decision that depends on rank 0's files)."""

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
+from .distributed import RankFailedError, launched_world_size
 from .pipeline import DeviceMemoryError, MochiPipeline, NonFiniteLatentsError, check_sampling, check_video_size
 from .sampling import linear_quadratic_schedule
 from .video import export_to_video, new_output_path, write_json_atomic
@@ -107,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae_tiling", choices=["auto", "on", "off"], default="auto", help="tiled VAE decoding")
     p.add_argument("--attention", choices=["sdpa", "flash", "sage"], default="sdpa", help="attention backend")
     p.add_argument("--batch_cfg", action="store_true", help="run both CFG branches in one batch (more memory)")
+    p.add_argument(
+        "--cfg_parallel", choices=["auto", "on", "off"], default="auto", help="torchrun: CFG branches on rank halves"
+    )
+    p.add_argument("--shard_dit", action="store_true", help="torchrun: each rank keeps only its share of DiT blocks")
     p.add_argument("--out_dir", type=Path, default=Path("outputs"), help="where videos go (default outputs/)")
     p.add_argument("--output", type=Path, help="exact output path (.mp4); refused if it exists")
     p.add_argument("--fps", type=int, default=30, help="frame rate of the MP4 (default 30)")
@@ -154,6 +159,9 @@ def load_pipeline(args: argparse.Namespace) -> tuple[MochiPipeline, Path]:
         from .tiny import default_model_dir
 
         model_dir = default_model_dir()
+    parallel = launched_world_size() > 1  # started by torchrun with several processes: all work on each video
+    if args.shard_dit and not parallel:
+        raise ValueError("--shard_dit shares the DiT between processes: run under torchrun --nproc_per_node=N")
     pipe = MochiPipeline.from_pretrained(
         model_dir,
         torch_dtype=resolve_dtype(args.dtype, args.device),
@@ -161,6 +169,9 @@ def load_pipeline(args: argparse.Namespace) -> tuple[MochiPipeline, Path]:
         text_encoder_path=args.t5_dir,
         text_encoder_dtype=DTYPES[args.t5_dtype],
         attention_backend=args.attention,
+        context_parallel=parallel,
+        cfg_parallel={"auto": None, "on": True, "off": False}[args.cfg_parallel],
+        shard_dit=args.shard_dit,
     )
     if args.sequential_offload:
         pipe.enable_sequential_cpu_offload()
@@ -174,9 +185,12 @@ def load_pipeline(args: argparse.Namespace) -> tuple[MochiPipeline, Path]:
 
 
 def generate(
-    pipe: MochiPipeline, s: Settings, args: argparse.Namespace, path: Path, model_dir: Path, callback=None
-) -> Path:
-    """Generate one video to `path` (+ `.json` sidecar), both written atomically; `callback` as the pipeline's."""
+    pipe: MochiPipeline, s: Settings, args: argparse.Namespace, path: Path | None, model_dir: Path, callback=None
+) -> Path | None:
+    """Generate one video to `path` (+ `.json` sidecar), both written atomically; `callback` as the pipeline's.
+
+    Under torchrun every rank generates and only rank 0 writes (the others get path None).
+    """
     sigmas = s.sigmas
     out = pipe(
         s.prompt,
@@ -191,6 +205,8 @@ def generate(
         progress=not args.quiet,
         callback_on_step_end=callback,
     )
+    if not pipe.is_main_process:
+        return None
     record = {
         **asdict(s),
         "sigmas": sigmas,
@@ -205,6 +221,7 @@ def generate(
         "torch": torch.__version__,
         "device": str(pipe.device),
         "offload": pipe.offload,
+        "processes": pipe.cp.world_size if pipe.cp is not None else 1,
         "vae": pipe.vae_options,
         "seconds": out.timings,
         "peak_memory_bytes": out.peak_memory,
@@ -227,20 +244,26 @@ def main(argv: list[str] | None = None) -> int:
         pipe, model_dir = load_pipeline(args)
         base = settings_from_args(args, model_defaults(model_dir))
         if args.sweep_file is None:
-            path = args.output or new_output_path(args.out_dir)
+            path = (args.output or new_output_path(args.out_dir)) if pipe.is_main_process else None
             generate(pipe, base.check(), args, path, model_dir)
             return 0
         runs = read_sweep(args.sweep_file, base)
-        args.out_dir.mkdir(parents=True, exist_ok=True)
+        if pipe.is_main_process:
+            args.out_dir.mkdir(parents=True, exist_ok=True)
         for i, s in enumerate(runs):
             # The name holds the line's settings digest: a finished line is skipped on the next run (resume),
             # and an edited line is generated again under a new name.
             path = args.out_dir / f"{args.sweep_file.stem}_{i:04d}_{s.digest()}.mp4"
-            if path.exists():
-                print(f"skip {i}: {path} exists", file=sys.stderr)
+            done = pipe.cp.broadcast_object(path.exists()) if pipe.cp is not None else path.exists()  # rank 0 decides
+            if done:
+                if pipe.is_main_process:
+                    print(f"skip {i}: {path} exists", file=sys.stderr)
                 continue
-            generate(pipe, s, args, path, model_dir)
+            generate(pipe, s, args, path if pipe.is_main_process else None, model_dir)
         return 0
+    except RankFailedError as e:  # another process of the torchrun job failed first: name it, no trace
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     except (ValueError, OSError, NonFiniteLatentsError, DeviceMemoryError) as e:  # bad input: a message, no trace
         print(f"error: {e}", file=sys.stderr)
         return 2

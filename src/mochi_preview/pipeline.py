@@ -3,6 +3,8 @@
 Memory modes: everything resident (default); `enable_model_cpu_offload()` keeps each component on the CPU and
 moves it to the device only while it runs; `enable_sequential_cpu_offload()` also streams the DiT's blocks to the
 device one at a time, so the DiT never has to fit at once; `enable_vae_tiling()` decodes in tiles and time chunks.
+Several processes: `enable_context_parallel()` (or `from_pretrained(..., context_parallel=True)` under torchrun) makes
+every rank of a process group work on each video (see `distributed.py`).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -84,6 +86,15 @@ def _stream_blocks(blocks: nn.ModuleList, device: torch.device) -> list:
     return [h for b in blocks for h in (b.register_forward_pre_hook(load), b.register_forward_hook(unload))]
 
 
+def _blocks(part) -> nn.ModuleList | None:
+    """The repeated blocks that sequential offload streams: the DiT's, and T5's (about 19 GB in fp32)."""
+    if isinstance(part, AsymmDiT):
+        return part.blocks
+    if isinstance(part, TextEncoder) and part.model is not None:
+        return part.model.encoder.block
+    return None
+
+
 class MochiPipeline:
     """Text-to-video with Mochi 1: `pipe(prompt, num_frames=31).frames[0]`."""
 
@@ -101,6 +112,7 @@ class MochiPipeline:
         self.offload = "none"  # "none" | "model" | "sequential"
         self.vae_options: dict = {"mode": "auto"}
         self._hooks: list = []
+        self.cp = None  # a distributed.ContextParallel once enable_context_parallel() ran
         self._place()
 
     # ---- loading -------------------------------------------------------------------------------------------
@@ -115,17 +127,78 @@ class MochiPipeline:
         text_encoder_dtype: torch.dtype = torch.float32,
         vae_dtype: torch.dtype | None = None,
         attention_backend: str = "sdpa",
+        context_parallel: bool = False,
+        cfg_parallel: bool | None = None,
+        shard_dit: bool = False,
     ) -> MochiPipeline:
         """Load from a native folder (dit/decoder.safetensors + a T5 folder), a diffusers folder, or a Hub repo id
-        already in the local Hugging Face cache. Components load on the CPU, then move to `device`."""
+        already in the local Hugging Face cache. Components load on the CPU, then move to `device`.
+
+        `context_parallel`: join torchrun's process group and generate with all its ranks (see
+        `enable_context_parallel`); with `shard_dit`, each rank reads and keeps only its share of the DiT's blocks.
+        """
         folder = resolve_model_dir(path)
         check_model_dir(folder, text_encoder_path)
         t5_dir = Path(text_encoder_path) if text_encoder_path else find_text_encoder_dir(folder)
-        dit = load_dit(folder, dtype=torch_dtype, attention_backend=attention_backend)
-        decoder = load_vae_decoder(folder, dtype=vae_dtype or torch_dtype)
-        text = TextEncoder.from_folder(t5_dir, dtype=text_encoder_dtype)
+        cp = None
+        if context_parallel:
+            from .distributed import ContextParallel, init_distributed
+
+            init_distributed()
+            cp = ContextParallel(cfg_parallel=cfg_parallel, device=device)
+            device = cp.device
+        with cp.guard() if cp is not None else nullcontext():  # a rank that cannot load stops the others
+            if shard_dit:
+                from .distributed import load_dit_sharded
+
+                if cp is None:
+                    raise ValueError("shard_dit needs context_parallel=True (several processes to share the blocks)")
+                dit = load_dit_sharded(folder, cp, dtype=torch_dtype, attention_backend=attention_backend)
+            else:
+                dit = load_dit(folder, dtype=torch_dtype, attention_backend=attention_backend)
+            decoder = load_vae_decoder(folder, dtype=vae_dtype or torch_dtype)
+            text = TextEncoder.from_folder(t5_dir, dtype=text_encoder_dtype)
         sources = {"model_dir": str(folder), "text_encoder": str(t5_dir)}
-        return cls(dit, decoder, text, device=device, sources=sources)
+        pipe = cls(dit, decoder, text, device=device, sources=sources)
+        return pipe._use_context_parallel(cp) if cp is not None else pipe
+
+    # ---- several processes ---------------------------------------------------------------------------------
+
+    def enable_context_parallel(
+        self, group=None, cfg_parallel: bool | None = None, shard_dit: bool = False
+    ) -> MochiPipeline:
+        """Generate each video with every rank of `group` (default: all; call it on every rank, same arguments).
+
+        The DiT splits its visual tokens across the ranks (any count; the head count must divide by the ranks per
+        CFG half); `cfg_parallel` (default: with an even rank count) runs the conditional and unconditional passes
+        on different halves of the ranks; `shard_dit` keeps block i only on rank i mod N; the VAE decode is split
+        along time. Every rank returns the video; pass progress=False on ranks other than 0 or use `is_main_process`.
+        """
+        from .distributed import ContextParallel
+
+        cp = ContextParallel(group, cfg_parallel=cfg_parallel, device=self.device)
+        return self._use_context_parallel(cp, shard_dit)
+
+    def _use_context_parallel(self, cp, shard_dit: bool = False) -> MochiPipeline:
+        from .distributed import shard_dit as shard
+
+        if self.offload == "sequential":
+            raise ValueError("sequential CPU offload and context parallelism do not mix; use shard_dit instead")
+        if self.dit.cfg.num_heads % cp.seq_size:
+            raise ValueError(
+                f"{cp.seq_size} ranks per CFG half do not divide the DiT's {self.dit.cfg.num_heads} heads; use a "
+                f"rank count whose half (with CFG parallelism) or whole divides {self.dit.cfg.num_heads}"
+            )
+        self.cp = cp
+        self.dit.context_parallel = cp if cp.seq_size > 1 else None
+        if shard_dit:
+            shard(self.dit, cp)
+        return self
+
+    @property
+    def is_main_process(self) -> bool:
+        """Whether this process should write files and report: rank 0, or the only process."""
+        return self.cp is None or self.cp.is_main
 
     # ---- memory modes --------------------------------------------------------------------------------------
 
@@ -134,7 +207,7 @@ class MochiPipeline:
         return self._set_offload("model", device)
 
     def enable_sequential_cpu_offload(self, device: str | torch.device | None = None) -> MochiPipeline:
-        """Like model offload, and the DiT's blocks stream to the device one by one (the DiT never fits at once)."""
+        """Like model offload, and DiT and T5 blocks stream to the device one by one (neither has to fit at once)."""
         return self._set_offload("sequential", device)
 
     def disable_cpu_offload(self) -> MochiPipeline:
@@ -170,7 +243,9 @@ class MochiPipeline:
             for part in (self.dit, self.decoder, self.text_encoder):
                 part.to("cpu")
             if self.offload == "sequential":
-                self._hooks = _stream_blocks(self.dit.blocks, self.device)
+                self._hooks = [
+                    h for part in (self.dit, self.text_encoder) for h in _stream_blocks(_blocks(part), self.device)
+                ]
 
     @contextmanager
     def _on_device(self, part):
@@ -178,12 +253,13 @@ class MochiPipeline:
         if self.offload == "none":
             yield part
             return
-        if part is self.dit and self.offload == "sequential":
-            # Only the small embedders and final layer move as a whole; blocks stream through their hooks.
-            for name, child in self.dit.named_children():
-                if name != "blocks":
-                    child.to(self.device)
-            self.dit.pos_frequencies.data = self.dit.pos_frequencies.data.to(self.device)
+        if self.offload == "sequential" and (blocks := _blocks(part)) is not None:
+            # Everything but the blocks (embedders, final layers: small) moves now; blocks stream through hooks.
+            in_blocks = {id(t) for t in (*blocks.parameters(), *blocks.buffers())}
+            module = part if isinstance(part, nn.Module) else part.model
+            for t in (*module.parameters(), *module.buffers()):
+                if id(t) not in in_blocks:
+                    t.data = t.data.to(self.device)
         else:
             part.to(self.device)
         try:
@@ -251,20 +327,29 @@ class MochiPipeline:
             uncond = (feats[len(prompts) :], mask[len(prompts) :]) if use_cfg else None
 
         with self._stage("dit", timings, peaks), self._on_device(self.dit) as dit:
+            if self.cp is not None and self.cp.cfg_group is not None and uncond is not None:
+                from .distributed import CFGParallelDiT
+
+                dit, batch_cfg = CFGParallelDiT(dit, self.cp), True  # each half of the ranks runs one branch
             z = self._sample(dit, latents.to(self.device), sigmas, cond, uncond, guidance_scale, batch_cfg,
                              callback_on_step_end, progress)  # fmt: skip
         if output_type == "latent":
             return MochiOutput(frames=z, timings=timings, peak_memory=peaks)
 
         with self._stage("vae", timings, peaks), self._on_device(self.decoder) as decoder:
-            video = decoder(denormalize_latents(z), **self.vae_options)  # (B, 3, T, H, W), about [-1, 1]
+            if self.cp is not None:
+                from .vae.parallel import decode_time_split
+
+                video = decode_time_split(decoder, denormalize_latents(z), self.cp.group)  # each rank: a time slice
+            else:
+                video = decoder(denormalize_latents(z), **self.vae_options)  # (B, 3, T, H, W), about [-1, 1]
         frames = ((video.float() + 1.0) / 2.0).clamp(0.0, 1.0).permute(0, 2, 3, 4, 1)  # (B, T, H, W, 3)
         return MochiOutput(frames=_convert(frames, output_type), timings=timings, peak_memory=peaks)
 
     def _sample(self, dit, z, sigmas, cond, uncond, guidance, batch_cfg, callback, progress) -> torch.Tensor:
         """The sampler loop with a progress bar, a NaN/inf guard and the user's per-step callback."""
         steps = len(sigmas) - 1
-        bar = tqdm(total=steps, desc="sampling", unit="step", disable=not progress)
+        bar = tqdm(total=steps, desc="sampling", unit="step", disable=not (progress and self.is_main_process))
 
         def on_step(i: int, sigma: float, z: torch.Tensor) -> torch.Tensor | None:
             bar.update()
@@ -286,7 +371,8 @@ class MochiPipeline:
             torch.cuda.reset_peak_memory_stats(self.device)
         start = time.perf_counter()
         try:
-            yield
+            with self.cp.guard() if self.cp is not None else nullcontext():  # one rank failing stops them all
+                yield
         except torch.OutOfMemoryError as e:
             raise DeviceMemoryError(self._oom_advice(name)) from e
         timings[name] = time.perf_counter() - start

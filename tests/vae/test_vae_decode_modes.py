@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from vae_fixtures import randomize_, rel
+from vae_fixtures import randomize_, rel, single_thread  # noqa: F401 (autouse fixture)
 
 from mochi_preview.vae import Decoder, DecoderConfig, estimate_decode_bytes, plan_decode
 from mochi_preview.vae.decode import output_bytes, tile_spans

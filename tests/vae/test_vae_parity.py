@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from vae_fixtures import diffusers_vae, rel, save_diffusers_vae
+from vae_fixtures import diffusers_vae, rel, save_diffusers_vae, single_thread  # noqa: F401 (autouse fixture)
 
 from mochi_preview.vae import DecoderConfig, EncoderConfig, load_vae_decoder, load_vae_encoder
 

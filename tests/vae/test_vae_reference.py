@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from vae_fixtures import reference_case, reference_dir, rel
+from vae_fixtures import reference_case, reference_dir, rel, single_thread  # noqa: F401 (autouse fixture)
 
 from mochi_preview.vae import DecoderConfig, load_vae_decoder
 from mochi_preview.vae.weights import diffusers_layout

@@ -19,6 +19,16 @@ DIFFUSERS_SMALL = dict(
 )
 
 
+@pytest.fixture(autouse=True)
+def single_thread():
+    """One intra-op thread per test: these tensors are tiny, and OpenMP threads on a busy 2-core machine spin
+    (a decode measured 20x slower with 2 threads under load). Restored afterwards for other tests."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def reference_dir() -> Path:
     if not (REFERENCE / "decoder.safetensors").is_file() or not (REFERENCE / "case_t3.safetensors").is_file():
         pytest.fail(
@@ -81,4 +91,5 @@ __all__ = [
     "rel",
     "save_diffusers_vae",
     "save_native",
+    "single_thread",
 ]

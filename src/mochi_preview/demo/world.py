@@ -141,6 +141,8 @@ def render(attrs: list[Attributes], geometry: Geometry, config: WorldConfig, rng
 
     colour = np.array([COLOURS[a.colour] for a in attrs], dtype=np.float32)  # (B, 3)
     if config.colour_jitter:
+        if rng is None:
+            raise ValueError("render needs `rng` when config.colour_jitter > 0")
         colour = np.clip(colour + rng.integers(-config.colour_jitter, config.colour_jitter + 1, colour.shape), 0, 255)
     bg = np.array(config.background, dtype=np.float32)[None, :, None, None, None]  # (1, 3, 1, 1, 1)
     video = bg + cover[:, None] * (colour[:, :, None, None, None] - bg)  # (B, 3, T, H, W)

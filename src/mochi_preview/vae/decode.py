@@ -82,7 +82,7 @@ def decode(
     elif mode == "streaming":
         if tiles is not None:
             raise ValueError("mode 'streaming' takes no tiles; use mode 'tiled' with frames_per_chunk to combine")
-        plan = DecodePlan(frames_per_chunk or 1, (1, 1), overlap, 0)
+        plan = DecodePlan(1 if frames_per_chunk is None else frames_per_chunk, (1, 1), overlap, 0)
     elif mode == "tiled":
         tiles = tuple(tiles) if tiles is not None else default_tiles(z.shape[3:], overlap)
         plan = DecodePlan(frames_per_chunk, tiles, overlap, 0)

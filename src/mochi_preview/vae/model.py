@@ -27,10 +27,12 @@ class DecoderConfig:
     num_res_blocks: tuple[int, ...] = (3, 3, 4, 6, 3)
     temporal_expansions: tuple[int, ...] = (1, 2, 3)
     spatial_expansions: tuple[int, ...] = (2, 2, 2)
-    has_attention: tuple[bool, ...] = (False, False, False, False, False)
+    has_attention: tuple[bool, ...] | None = None  # None: no attention anywhere (the published decoder)
 
     def __post_init__(self):
         n = len(self.channels)
+        if self.has_attention is None:
+            object.__setattr__(self, "has_attention", (False,) * (n + 1))
         if not (len(self.num_res_blocks) == len(self.has_attention) == n + 1):
             raise ValueError(f"num_res_blocks and has_attention need {n + 1} entries for {n} channel levels")
         if not (len(self.temporal_expansions) == len(self.spatial_expansions) == n - 1):

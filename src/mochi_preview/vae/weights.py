@@ -206,10 +206,15 @@ def infer_decoder_config(
     """
     conv_in = _need(shapes, "blocks.0.0.weight", "decoder")
     out = _need(shapes, "output_proj.weight", "decoder")
+    # blocks.0: input conv + ResBlocks; blocks.1..N: upsampling (proj, blocks.*); blocks.N+1: ResBlocks (maybe none).
+    ups = _indices(shapes, r"^blocks\.(\d+)\.(?:proj|blocks)\.")
     top = _indices(shapes, r"^blocks\.(\d+)\.")
-    n_up = len(top) - 2
-    if n_up < 0 or top != list(range(len(top))):
-        raise CheckpointError(f"the decoder checkpoint's blocks are {top}; expected blocks 0 to N without gaps")
+    n_up = len(ups)
+    if ups != list(range(1, n_up + 1)) or not set(top) <= set(range(n_up + 2)):
+        raise CheckpointError(
+            f"the decoder checkpoint's upsampling blocks are {ups} among blocks {top}; expected blocks.0, then "
+            "upsampling blocks 1 to N without gaps, then at most blocks.N+1"
+        )
     projs = [_need(shapes, f"blocks.{b}.proj.weight", "decoder") for b in range(1, n_up + 1)]
     widths = [conv_in[0]] + [p[1] for p in projs[1:]] + [out[1]]  # latent side first
     levels = [_level(shapes, "blocks.0")]
