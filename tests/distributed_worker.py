@@ -1,4 +1,5 @@
-"""One rank of the context-parallel tests: `python distributed_worker.py OUT SCENARIO...` with torchrun's env vars.
+"""One rank of the context-parallel tests: `python distributed_worker.py OUT SCENARIO...` with torchrun's env vars
+(or `run(OUT, SCENARIOS)` in a forked process, as tests/test_distributed.py does).
 
 Rank 0 saves what it computed to OUT (torch.save); tests/test_distributed.py compares it with one process.
 """
@@ -103,13 +104,14 @@ def run_vae() -> dict:
 
 
 def run_failure(hang: bool) -> None:
-    """Rank 1 raises in the first block while rank 0 waits for it in the all-to-all."""
-    cp = ContextParallel(cfg_parallel=False)  # sequence parallel: rank 0 needs rank 1 inside every block
+    """Rank 1 raises in the first block while the others wait for it in the all-to-all."""
+    cp = ContextParallel(cfg_parallel=False)  # sequence parallel: every rank needs rank 1 inside every block
     dit = make_dit()
     dit.context_parallel = cp
 
     def boom(module, args):
         if cp.rank == 1:
+            print(f"raising at {time.time():.3f}", flush=True)
             raise ValueError("boom from the test")
 
     dit.blocks[0].attn.qkv_x.register_forward_pre_hook(boom)
@@ -117,8 +119,9 @@ def run_failure(hang: bool) -> None:
     try:
         with cp.guard(), torch.no_grad():
             dit(make_latents(LATENT_SHAPES[0]), 0.5, *cond)
-    except ValueError:
+    except ValueError as e:
         if hang:  # this process lives on (e.g. a notebook that caught the error): the others must still stop
+            print(f"caught {e!r}, living on", flush=True)
             time.sleep(120)
         raise
 
@@ -132,15 +135,20 @@ SCENARIOS = {
 }
 
 
-def main() -> None:
-    out_path, scenarios = sys.argv[1], sys.argv[2:]  # several per launch: starting processes is the slow part
+def run(out_path: str, scenarios: list[str]) -> None:
+    """This rank's part: join the group (torchrun's env vars), run the scenarios, rank 0 saving after each."""
     torch.set_num_threads(1)
     init_distributed(timeout=60)
-    results = {name: SCENARIOS[name]() for name in scenarios}
-    if dist.get_rank() == 0:
-        torch.save(results, out_path)
-    dist.barrier()
+    results = {}
+    for name in scenarios:  # the failure scenarios come last
+        results[name] = SCENARIOS[name]()
+        if dist.get_rank() == 0:
+            torch.save(results, out_path)
     dist.destroy_process_group()
+
+
+def main() -> None:
+    run(sys.argv[1], sys.argv[2:])
 
 
 if __name__ == "__main__":

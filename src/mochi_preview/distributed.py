@@ -73,6 +73,11 @@ class ContextParallel:
 
     def __init__(self, group: dist.ProcessGroup | None = None, cfg_parallel: bool | None = None, device=None):
         """`cfg_parallel` None: on when the rank count is even (one all-gather per step instead of two passes)."""
+        if not dist.is_initialized():
+            raise RuntimeError(
+                "no process group: run under torchrun and call mochi_preview.distributed.init_distributed() (or "
+                "torch.distributed.init_process_group) first"
+            )
         self.group = group or dist.group.WORLD
         self.rank, self.world_size = dist.get_rank(self.group), dist.get_world_size(self.group)
         self.global_ranks = dist.get_process_group_ranks(self.group)  # group rank -> global rank
@@ -234,8 +239,11 @@ class BlockSharding:
     def __init__(self, blocks: nn.ModuleList, cp: ContextParallel):
         self.cp = cp
         self.owner = [i % cp.world_size for i in range(len(blocks))]
-        self.params = [[(m, name, p.shape, p.dtype) for m in b.modules() for name, p in m.named_parameters(
-            recurse=False)] for b in blocks]  # fmt: skip
+        # (module, name, shape, dtype) of each block's parameters: the empty placeholders keep neither shape nor data
+        self.params = [
+            [(m, name, p.shape, p.dtype) for m in block.modules() for name, p in m.named_parameters(recurse=False)]
+            for block in blocks
+        ]
         self.pending: dict[int, list] = {}  # block index -> [(work, flat buffer, params of that dtype)]
         self.blocks = blocks
         for i, block in enumerate(blocks):
@@ -250,8 +258,8 @@ class BlockSharding:
         for entry in self.params[i]:
             by_dtype.setdefault(entry[3], []).append(entry)
         mine = self.owner[i] == self.cp.rank
-        m, name, _, _ = self.params[i][0]
-        device = getattr(m, name).device  # real or placeholder, it sits where the block runs
+        module, name, _, _ = self.params[i][0]
+        device = getattr(module, name).device  # real or placeholder, it sits where the block runs
         works = []
         for dtype, entries in sorted(by_dtype.items(), key=lambda kv: str(kv[0])):  # same order on every rank
             if mine:
@@ -319,5 +327,5 @@ def load_dit_sharded(
         if missing := [k for k in recipe.sources if k not in files]:
             raise CheckpointError(f"DiT checkpoint {path} ({name}) lacks {missing} for {key!r}")
         state[key] = recipe.build(files.get, target).to(cp.device)
-    model.load_state_dict(state, strict=False, assign=True)
+    model.load_state_dict(state, strict=True, assign=True)
     return shard_dit(model.eval().requires_grad_(False), cp)

@@ -30,8 +30,11 @@ class CheckpointError(ValueError):
 
 
 def _describe_non_safetensors(path: Path) -> str | None:
+    """A message if `path` is a pickle rather than safetensors (which starts: header length, then '{')."""
     with open(path, "rb") as f:
-        head = f.read(8)
+        head = f.read(9)
+    if len(head) == 9 and head[8:9] == b"{" and 8 + struct.unpack("<Q", head[:8])[0] <= path.stat().st_size:
+        return None
     if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80" or path.suffix in PICKLE_SUFFIXES:
         return (
             f"{path} is a PyTorch pickle, not a safetensors file. Pickles can run arbitrary code when loaded, so "

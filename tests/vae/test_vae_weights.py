@@ -168,7 +168,6 @@ def test_truncated_file_is_reported(tmp_path, native_state):
         load_vae_decoder(path)
 
 
-@pytest.mark.xfail(reason="mochi_preview/weights.py reads a first byte 0x80 as a pickle (reported to the lead)")
 def test_safetensors_header_length_ending_in_0x80_is_not_a_pickle(tmp_path, native_state):
     """A safetensors file starts with its header length (u64, little endian): its first byte can be 0x80."""
     path = tmp_path / "decoder.safetensors"

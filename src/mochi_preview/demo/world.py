@@ -163,7 +163,12 @@ DIRECTION_WORDS = {
     "down": ("down", "downward", "towards the bottom", "from top to bottom"),
     "still": ("still", "in place", "in one spot"),
 }
-BACKGROUNDS = ("on a dark background", "on a black background", "against a dark background", "over a plain dark background")
+BACKGROUNDS = (
+    "on a dark background",
+    "on a black background",
+    "against a dark background",
+    "over a plain dark background",
+)
 
 # Slots: {obj} = article, adjectives, colour, shape word; {noun} = adjectives and shape word; {colour}; {shape}
 # (shape word alone); {verbs} / {verbing}; {dir}; {bg}.
@@ -189,7 +194,7 @@ HELDOUT_TEMPLATES = (
 
 
 def _ing(verb: str) -> str:
-    """"moves" -> "moving", "sits" -> "sitting", "stays" -> "staying"."""
+    """ "moves" -> "moving", "sits" -> "sitting", "stays" -> "staying"."""
     stem = verb[:-1]
     if stem.endswith("e"):
         return stem[:-1] + "ing"

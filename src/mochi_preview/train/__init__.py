@@ -1,6 +1,6 @@
 """Training: flow matching for the DiT, reconstruction + KL for the VAE, and the loop they share."""
 
-from .common import EMA, Trainer, TrainConfig, lr_at, make_optimizer, seed_everything
+from .common import EMA, TrainConfig, Trainer, lr_at, make_optimizer, seed_everything
 from .dit import DiTTrainConfig, DiTTrainer, LatentData, encode_latent_data
 from .flow import drop_captions, flow_matching_loss, noisy_latents, sample_sigmas
 from .vae import VAETrainConfig, VAETrainer, latent_stats, object_mask, reconstruct, vae_losses

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import random
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from tqdm.auto import tqdm
 CHECKPOINT_FORMAT = 1
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     """Optimisation settings common to every trainer."""
 
@@ -174,7 +175,7 @@ class Trainer:
             "numpy_rng": self.rng.bit_generator.state,
             "history": self.history,
         }
-        return tensors, meta
+        return tensors, json.loads(json.dumps(meta))  # as it will read back (tuples become lists)
 
     def save(self, path: str | Path) -> None:
         """Write path/state.safetensors then path/state.json (written last: a checkpoint is complete when it exists)."""
@@ -197,6 +198,10 @@ class Trainer:
         tensors = load_file(path / "state.safetensors")
         if meta.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"{path}: checkpoint format {meta.get('format')}, expected {CHECKPOINT_FORMAT}")
+        ours = json.loads(json.dumps(asdict(self.cfg)))
+        changed = sorted(k for k in ours if meta["config"].get(k) != ours[k])
+        if changed:  # legitimate (e.g. more steps), but the run is then not the one the checkpoint started
+            warnings.warn(f"resuming {path} with a different config: {', '.join(changed)}", stacklevel=2)
         pick = lambda prefix: {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
         self.model.load_state_dict(pick("model."))
         for k, v in pick("ema.").items():

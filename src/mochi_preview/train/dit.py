@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..dit import AsymmDiT
-from .common import Trainer, TrainConfig
+from .common import TrainConfig, Trainer
 from .flow import drop_captions, flow_matching_loss
 
 
@@ -80,7 +80,7 @@ def encode_latent_data(
     )
 
 
-@dataclass
+@dataclass(frozen=True)
 class DiTTrainConfig(TrainConfig):
     """DiT settings: the reference's objective (uniform sigma, 10% caption dropout), batch drawn from the cache."""
 

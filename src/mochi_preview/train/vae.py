@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import Trainer, TrainConfig
+from .common import TrainConfig, Trainer
 
 
-@dataclass
+@dataclass(frozen=True)
 class VAETrainConfig(TrainConfig):
     """VAE settings: loss weights and batch size."""
 
@@ -74,7 +74,7 @@ class VAETrainer(Trainer):
         terms = vae_losses(x, recon, mean, logvar, cfg)
         loss = terms["recon"] + cfg.colour_weight * terms["colour"] + cfg.kl_weight * terms["kl"]
         psnr = 10 * torch.log10(4.0 / terms["mse"].clamp_min(1e-10))  # the signal spans [-1, 1]: peak^2 = 4
-        return loss, {k: float(v) for k, v in terms.items()} | {"psnr": float(psnr)}
+        return loss, {k: v.item() for k, v in terms.items()} | {"psnr": psnr.item()}
 
 
 @torch.no_grad()

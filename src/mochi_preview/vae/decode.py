@@ -19,7 +19,8 @@ the activation (B, C, T, H, W) at a level:
   weight (reordered on each call); an attention block at ATTENTION_FACTOR * X;
 * an upsampling block at X + 2 * Y, with Y its output (the projection, then the depth-to-space copy);
 * streaming adds the caches (two padded frames per convolution, keys and values of all frames per attention);
-* on top come the float32 output video and two float32 copies of a decoded tile chunk (the cross-fade).
+* on top come the float32 output video, two float32 copies of a decoded tile chunk (the cross-fade) and a fixed
+  FIXED_OVERHEAD for scratch buffers.
 X counts the padded size (T + 2, H + 2, W + 2). The factors come from peak RSS measured on CPU (oneDNN
 convolutions, fp32, glibc malloc; about 5.7 X of live tensors plus the allocator's retained memory), rounded up so
 the estimate errs high; see bench/RESULTS.md. On CUDA the caching allocator and cuDNN workspaces differ; the 80%
@@ -30,16 +31,19 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from .model import Decoder, DecoderConfig
+if TYPE_CHECKING:  # model.py imports this module; annotations only here
+    from .model import Decoder, DecoderConfig
 
 RESBLOCK_FACTOR = 8.0
 ATTENTION_FACTOR = 12.0
 DEFAULT_BUDGET_FRACTION = 0.8
 MODES = ("auto", "full", "streaming", "tiled")
 TILE_SIZE = 32  # latent pixels per tile in mode "tiled" when no tile counts are given
+FIXED_OVERHEAD = 64 * 2**20  # scratch buffers and allocator slack measured on top of the activations (CPU)
 
 
 @dataclass(frozen=True)
@@ -118,6 +122,8 @@ def run_plan(decoder: Decoder, z: torch.Tensor, plan: DecodePlan) -> torch.Tenso
     rows = tile_spans(h, plan.tiles[0], plan.overlap, "height")
     cols = tile_spans(w, plan.tiles[1], plan.overlap, "width")
     device = decoder.output_proj.weight.device
+    if plan.tiles == (1, 1) and plan.frames_per_chunk is None:
+        return decoder.forward_chunk(z.to(device)).float()  # full: no output buffer to assemble
     video = torch.zeros(b, cfg.out_channels, cfg.num_frames(t), h * s, w * s, device=device)
     step = plan.frames_per_chunk or t
     for (h0, h1), ramp_h in zip(rows, blend_ramps(rows, s, plan.overlap, device)):
@@ -215,7 +221,7 @@ def estimate_decode_bytes(
             h, w = h * s, w * s
             peak = max(peak, x + 2 * batch * c_next * t * h * w * e)
     tile_out = 2 * batch * cfg.out_channels * t * h * w * 4
-    return int(peak + caches + tile_out)
+    return int(peak + caches + tile_out + FIXED_OVERHEAD)
 
 
 def output_bytes(cfg: DecoderConfig, shape: tuple[int, ...]) -> int:
@@ -269,11 +275,23 @@ def plan_decode(
 
 
 def free_memory(device: torch.device | str) -> int:
-    """Bytes that can still be allocated on `device` (CUDA: free plus the allocator's cached blocks)."""
+    """Bytes that can still be allocated on `device`.
+
+    CUDA: free device memory plus the blocks PyTorch's allocator holds unused. CPU: MemAvailable, capped by the
+    container's cgroup memory limit when there is one (a container sees the host's /proc/meminfo).
+    """
     device = torch.device(device)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    available = _meminfo_available()
+    limit = _cgroup_headroom()
+    if available is None and limit is None:
+        raise RuntimeError("cannot read the free memory of this machine; pass memory_budget (bytes) to the decoder")
+    return min(x for x in (available, limit) if x is not None)
+
+
+def _meminfo_available() -> int | None:
     try:
         import psutil
 
@@ -289,4 +307,22 @@ def free_memory(device: torch.device | str) -> int:
         pass
     if hasattr(os, "sysconf") and "SC_AVPHYS_PAGES" in os.sysconf_names:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    raise RuntimeError("cannot read the free memory of this machine; pass memory_budget (bytes) to the decoder")
+    return None
+
+
+def _cgroup_headroom() -> int | None:
+    """Limit minus usage of this process's memory cgroup (v2, then v1), or None without a limit."""
+    for limit_file, usage_file in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+    ):
+        try:
+            with open(limit_file) as f:
+                limit = f.read().strip()
+            with open(usage_file) as f:
+                usage = int(f.read().strip())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit() and int(limit) < 2**60:  # "max" or a huge v1 number: no limit
+            return max(int(limit) - usage, 0)
+    return None

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .decode import decode
 from .layers import Cache, CausalConv3d, Conv1x1, DepthToSpaceTime, GroupNormSpatial, ResBlock
 
 
@@ -124,11 +125,32 @@ class Decoder(nn.Module):
         self.blocks = nn.ModuleList([first, *ups, last])
         self.output_proj = Conv1x1(c[0], cfg.out_channels)
 
-    def forward(self, z: torch.Tensor, mode: str = "auto", **options) -> torch.Tensor:
-        """Decode raw VAE-space latents to a float32 video; `mode` and options are those of `vae.decode.decode`."""
-        from .decode import decode
+    def forward(
+        self,
+        z: torch.Tensor,
+        mode: str = "auto",
+        *,
+        frames_per_chunk: int | None = None,
+        tiles: tuple[int, int] | None = None,
+        overlap: int = 8,
+        memory_budget: int | None = None,
+    ) -> torch.Tensor:
+        """Raw VAE-space latents (B, 12, T, H, W) -> float32 video (B, 3, 6T - 5, 8H, 8W), not clamped.
 
-        return decode(self, z, mode=mode, **options)
+        mode: "auto" (default: the least tiling that fits `memory_budget` bytes, else 80% of the free memory),
+        "full", "streaming" (`frames_per_chunk` latent frames at a time; same result as full) or "tiled" (`tiles`
+        = (rows, cols) cross-faded over `overlap` latent pixels, streamed too if `frames_per_chunk` is set).
+        See `vae.decode` for details.
+        """
+        return decode(
+            self,
+            z,
+            mode,
+            frames_per_chunk=frames_per_chunk,
+            tiles=tiles,
+            overlap=overlap,
+            memory_budget=memory_budget,
+        )
 
     def forward_chunk(self, z: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
         """The network on a (time chunk of a spatial tile of a) latent; `cache` carries state between chunks."""
