@@ -25,6 +25,7 @@ CFG = DiTConfig(depth=2, num_heads=6, head_dim=32, dim_y=64, mlp_hidden_x=256, m
 LATENT_SHAPES = [(1, 12, 2, 4, 10), (1, 12, 3, 2, 10)]
 SIGMAS = linear_quadratic_schedule(3)
 GUIDANCE = 4.5
+TILED = dict(tiles=(1, 2), overlap=1)  # two tiles across, sharing one latent column
 DECODERS = {
     "plain": DecoderConfig(channels=(32, 32, 32, 32), num_res_blocks=(1, 1, 1, 1, 1)),
     "attention": DecoderConfig(channels=(32, 32, 32, 32), num_res_blocks=(1, 1, 1, 1, 1), has_attention=(True,) * 5),
@@ -100,6 +101,8 @@ def run_vae() -> dict:
             for t in (1, 2, 5):  # fewer latent frames than ranks, and uneven slices
                 z = make_latents((1, 12, t, 3, 4))
                 out[f"{name}/{t}"] = decode_time_split(decoder, z)
+        z = make_latents((1, 12, 5, 3, 4))
+        out["plain/5/tiled"] = decode_time_split(make_decoder("plain"), z, mode="tiled", **TILED)
     return out
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from distributed_worker import DECODERS, make_decoder, make_dit, make_latents, reference, run
+from distributed_worker import DECODERS, TILED, make_decoder, make_dit, make_latents, reference, run
 from model_folders import save_native_model
 
 from mochi_preview.infer import main
@@ -98,6 +98,7 @@ def expected():
             for name in DECODERS
             for t in (1, 2, 5)
         }
+        vae["plain/5/tiled"] = make_decoder("plain")(make_latents((1, 12, 5, 3, 4)), mode="tiled", **TILED)
     return {"dit": dit, "vae": vae}
 
 
@@ -150,7 +151,8 @@ def test_cfg_parallel_equals_one_process(runs, expected, n):
 
 @pytest.mark.parametrize("n", [2, 3])
 def test_time_split_vae_decode_equals_one_process(runs, expected, n):
-    # 1, 2 and 5 latent frames (fewer than the ranks, uneven slices), with and without causal attention.
+    # 1, 2 and 5 latent frames (fewer than the ranks, uneven slices), with and without causal attention; and in
+    # two spatial tiles cross-faded as the single-process tiled decode does.
     got = results(runs[n], "vae")
     assert got.keys() == expected["vae"].keys()
     for name, frames in got.items():

@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -234,6 +235,11 @@ def generate(
     return video
 
 
+def guarded(pipe: MochiPipeline):
+    """Under torchrun, a failure here (e.g. rank 0 writing the video) stops the other ranks, naming this one."""
+    return pipe.cp.guard() if pipe.cp is not None else nullcontext()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.output is not None and args.output.exists():
@@ -245,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
         base = settings_from_args(args, model_defaults(model_dir))
         if args.sweep_file is None:
             path = (args.output or new_output_path(args.out_dir)) if pipe.is_main_process else None
-            generate(pipe, base.check(), args, path, model_dir)
+            with guarded(pipe):
+                generate(pipe, base.check(), args, path, model_dir)
             return 0
         runs = read_sweep(args.sweep_file, base)
         if pipe.is_main_process:
@@ -259,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
                 if pipe.is_main_process:
                     print(f"skip {i}: {path} exists", file=sys.stderr)
                 continue
-            generate(pipe, s, args, path if pipe.is_main_process else None, model_dir)
+            with guarded(pipe):
+                generate(pipe, s, args, path if pipe.is_main_process else None, model_dir)
         return 0
     except RankFailedError as e:  # another process of the torchrun job failed first: name it, no trace
         print(f"error: {e}", file=sys.stderr)

@@ -214,7 +214,11 @@ class MochiPipeline:
         return self._set_offload("none", None)
 
     def enable_vae_tiling(self, **options) -> MochiPipeline:
-        """Decode in spatial tiles and time chunks (options: those of the decoder's tiled mode)."""
+        """Decode in overlapping, cross-faded spatial tiles; `frames_per_chunk=k` also streams time (exact).
+
+        Options are the decoder's: tiles=(rows, cols), overlap (latent pixels), frames_per_chunk. The default mode,
+        "auto", already picks streaming and tiling from the free device memory.
+        """
         self.vae_options = {"mode": "tiled", **options}
         return self
 
@@ -340,7 +344,7 @@ class MochiPipeline:
             if self.cp is not None:
                 from .vae.parallel import decode_time_split
 
-                video = decode_time_split(decoder, denormalize_latents(z), self.cp.group)  # each rank: a time slice
+                video = decode_time_split(decoder, denormalize_latents(z), self.cp.group, **self.vae_options)
             else:
                 video = decoder(denormalize_latents(z), **self.vae_options)  # (B, 3, T, H, W), about [-1, 1]
         frames = ((video.float() + 1.0) / 2.0).clamp(0.0, 1.0).permute(0, 2, 3, 4, 1)  # (B, T, H, W, 3)
