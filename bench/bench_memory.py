@@ -4,6 +4,7 @@ Computed from the published model sizes (built on the meta device, so nothing is
 costs *measured* here at reduced sizes:
 - DiT activations: peak memory of one full-width block's forward, measured at a few token counts in fresh processes
   (peak RSS minus the RSS before the forward); the per-token slope is extrapolated to 9,540 / 23,850 / 44,520 tokens.
+  Measured in fp32 (bf16 matmuls crawl on CPUs without bf16 instructions): an upper bound for bf16.
 - VAE decode: the decoder's own estimate (vae/decode.py, factors measured on this CPU; see the VAE section of
   bench/RESULTS.md), for the full decode and for the plan the automatic mode picks under a budget.
 
@@ -100,7 +101,9 @@ def main() -> None:
     w = weight_bytes()
     print("weights (GiB): " + ", ".join(f"{k} {v / GIB:.2f}" for k, v in w.items()))
     per_token = {}
-    for dtype in ("bfloat16", "float32"):
+    # bf16 matmuls are ~400x slower than fp32 on CPUs without bf16 instructions (this one), so activations are
+    # measured in fp32 and used as an upper bound for bf16 (whose norms and RoPE also work in fp32 temporaries).
+    for dtype in ("float32",):
         points = measure_dit_activations(args.tokens, dtype)
         per_token[dtype] = slope(points)
         shown = ", ".join(f"{n} tok: {b / 2**20:.0f} MiB" for n, b in points)
@@ -113,7 +116,7 @@ def main() -> None:
     for frames in (31, 85, 163):
         t = (frames - 1) // 6 + 1
         tokens = t * 30 * 53
-        act = per_token["bfloat16"] * tokens
+        act = per_token["float32"] * tokens
         vae_full = estimate_decode_bytes(cfg, 1, t, 60, 106, torch.bfloat16, streaming=False)
         plan = plan_decode(cfg, (1, 12, t, 60, 106), torch.bfloat16, int(args.budget_gib * GIB))
         vae_auto = plan.estimated_bytes
