@@ -36,13 +36,13 @@ def matmul_rate(dtype: torch.dtype, m: int = 2048, k: int = 3072, n: int = 3072,
     """Best-of matmul FLOP rate at a DiT-like shape."""
     a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
     a @ b
-    best = min(_timed(lambda: a @ b) for _ in range(repeats))
+    best = min(_timed(torch.mm, a, b) for _ in range(repeats))
     return 2 * m * k * n / best
 
 
-def _timed(fn) -> float:
+def _timed(fn, *args, **kwargs) -> float:
     start = time.perf_counter()
-    fn()
+    fn(*args, **kwargs)
     return time.perf_counter() - start
 
 
@@ -83,8 +83,8 @@ def compare(depth: int, frames: int, rows: int, cols: int, text_valid: int, repe
                 ours(*args_ours), theirs(*args_theirs, return_dict=False)  # warm-up
                 t_ours, t_theirs = [], []
                 for _ in range(repeats):  # interleaved, so machine noise hits both sides alike
-                    t_ours.append(_timed(lambda: ours(*args_ours)))
-                    t_theirs.append(_timed(lambda: theirs(*args_theirs, return_dict=False)))
+                    t_ours.append(_timed(ours, *args_ours))
+                    t_theirs.append(_timed(theirs, *args_theirs, return_dict=False))
             a, b = statistics.median(t_ours), statistics.median(t_theirs)
             rate = matmul_rate(dtype)
             lines.append(

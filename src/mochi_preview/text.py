@@ -42,9 +42,7 @@ def find_t5_folders(path: str | Path) -> tuple[Path, Path]:
             )
         raise FileNotFoundError(f"T5 weights not found: {expected}")
     if not any((tok_dir / f).is_file() for f in ("spiece.model", "tokenizer.json")):
-        raise FileNotFoundError(
-            f"T5 tokenizer not found: expected {tok_dir / 'spiece.model'} or tokenizer.json"
-        )
+        raise FileNotFoundError(f"T5 tokenizer not found: expected {tok_dir / 'spiece.model'} or tokenizer.json")
     return model_dir, tok_dir
 
 
@@ -65,9 +63,7 @@ class TextEncoder:
     ) -> "TextEncoder":
         """Load `path/text_encoder` + `path/tokenizer` (diffusers) or a plain T5 folder; safetensors only."""
         if dtype not in (torch.float32, torch.bfloat16):
-            raise ValueError(
-                f"T5 runs in float32 (reference) or bfloat16, not {dtype} (T5 v1.1 overflows in fp16)"
-            )
+            raise ValueError(f"T5 runs in float32 (reference) or bfloat16, not {dtype} (T5 v1.1 overflows in fp16)")
         model_dir, tok_dir = find_t5_folders(path)
         tokenizer = T5Tokenizer.from_pretrained(tok_dir, legacy=False)  # the reference's tokenizer settings
         model, info = T5EncoderModel.from_pretrained(
@@ -75,9 +71,7 @@ class TextEncoder:
         )
         # transformers would fill missing weights with random ones and only log it: a silently wrong encoder.
         if info["missing_keys"]:
-            raise ValueError(
-                f"T5 weights in {model_dir} lack {sorted(info['missing_keys'])[:4]}: wrong file?"
-            )
+            raise ValueError(f"T5 weights in {model_dir} lack {sorted(info['missing_keys'])[:4]}: wrong file?")
         return cls(model.to(device), tokenizer, max_length)
 
     @property

@@ -43,9 +43,7 @@ def _as_frames(frames: Any) -> list[np.ndarray]:
         raise ValueError(f"each frame must be (H, W, 3) RGB, channels last; got {first.shape}")
     height, width = first.shape[:2]
     if height % 2 or width % 2:
-        raise ValueError(
-            f"H.264 yuv420p needs an even width and height; got {width}x{height} (crop or pad 1 px)"
-        )
+        raise ValueError(f"H.264 yuv420p needs an even width and height; got {width}x{height} (crop or pad 1 px)")
     for i, f in enumerate(seq):
         if f.shape != first.shape:
             raise ValueError(f"frame {i} has shape {f.shape} but frame 0 has {first.shape}: sizes must match")
