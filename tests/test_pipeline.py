@@ -174,3 +174,33 @@ def test_sequential_offload_streams_one_block_at_a_time(native_dir, monkeypatch)
     for _, where in events:
         on_device += 1 if where != "cpu" else -1
         assert on_device <= 1
+
+
+def test_hub_id_resolves_through_the_local_cache(native_dir, tmp_path, monkeypatch):
+    """`org/name` is looked up in the Hugging Face cache (no download): a cached snapshot loads like a folder."""
+    import shutil
+
+    from mochi_preview.pipeline import resolve_model_dir
+
+    cache = tmp_path / "hub"
+    snapshot = cache / "models--genmo--mochi-tiny" / "snapshots" / "0123abcd"
+    shutil.copytree(native_dir, snapshot)
+    (cache / "models--genmo--mochi-tiny" / "refs").mkdir()
+    (cache / "models--genmo--mochi-tiny" / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
+    assert resolve_model_dir("genmo/mochi-tiny") == snapshot
+    pipe = MochiPipeline.from_pretrained("genmo/mochi-tiny", torch_dtype=torch.float32, device="cpu")
+    assert pipe("a cat", seed=1, output_type="latent", **SMALL).frames.shape == (1, 12, 3, 4, 6)
+    with pytest.raises(FileNotFoundError, match="not in the local Hugging Face cache"):
+        resolve_model_dir("genmo/not-downloaded")
+
+
+def test_mochi_console_script_is_installed():
+    from importlib.metadata import entry_points
+
+    [script] = [e for e in entry_points(group="console_scripts") if e.name == "mochi"]
+    assert script.value == "mochi_preview.infer:main"
