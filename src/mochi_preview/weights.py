@@ -127,6 +127,13 @@ class SafetensorsFiles:
         path, name = self._where[key]
         return self._files[path].read(name, dtype)
 
+    def select(self, prefix: str) -> SafetensorsFiles:
+        """The tensors whose names start with `prefix`, named without it (e.g. one half of a diffusers VAE)."""
+        view = object.__new__(SafetensorsFiles)
+        view._files = self._files
+        view._where = {k[len(prefix) :]: where for k, where in self._where.items() if k.startswith(prefix)}
+        return view
+
     def dtypes(self) -> set[str]:
         return {self._files[p].entries[k]["dtype"] for p, k in self._where.values()}
 

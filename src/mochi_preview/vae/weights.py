@@ -19,7 +19,6 @@ from torch import nn
 from ..weights import (
     CheckpointError,
     Recipe,
-    SafetensorsFiles,
     concat_rows,
     identity_layout,
     load_into_module,
@@ -31,30 +30,6 @@ from .model import Decoder, DecoderConfig, Encoder, EncoderConfig
 
 NATIVE_MARKER = {"decoder": "blocks.0.0.weight", "encoder": "layers.0.weight"}
 DIFFUSERS_MARKER = {"decoder": "conv_in.weight", "encoder": "proj_in.weight"}
-
-
-class _PrefixView:
-    """The tensors of a checkpoint whose names start with `prefix`, named without it (one half of a diffusers VAE)."""
-
-    def __init__(self, files: SafetensorsFiles, prefix: str):
-        self.files, self.prefix = files, prefix
-        self._keys = [k[len(prefix) :] for k in files.keys() if k.startswith(prefix)]
-        self._key_set = set(self._keys)
-
-    def keys(self) -> list[str]:
-        return list(self._keys)
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._key_set
-
-    def shape(self, key: str) -> torch.Size:
-        return self.files.shape(self.prefix + key)
-
-    def meta(self, key: str) -> torch.Tensor:
-        return self.files.meta(self.prefix + key)
-
-    def get(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        return self.files.get(self.prefix + key, dtype)
 
 
 def open_vae_checkpoint(path: str | Path, part: str):
@@ -78,7 +53,7 @@ def open_vae_checkpoint(path: str | Path, part: str):
         config = json.loads((path / "config.json").read_text())
     files = open_checkpoint(path)
     if any(k.startswith(f"{part}.") for k in files.keys()):
-        files = _PrefixView(files, f"{part}.")
+        files = files.select(f"{part}.")
     if NATIVE_MARKER[part] in files:
         return files, identity_layout(files.keys()), config
     if DIFFUSERS_MARKER[part] in files:
