@@ -204,3 +204,30 @@ def test_mochi_console_script_is_installed():
 
     [script] = [e for e in entry_points(group="console_scripts") if e.name == "mochi"]
     assert script.value == "mochi_preview.infer:main"
+
+
+def test_model_folder_latent_stats_replace_the_published_ones(native_dir, tmp_path):
+    import json
+    import shutil
+
+    from mochi_preview.vae import LATENTS_MEAN, denormalize_latents, load_latent_stats, normalize_latents
+
+    z = torch.randn(1, 12, 3, 4, 6, generator=torch.Generator().manual_seed(2))
+    mean, std = [0.5] * 12, [2.0] * 12
+    torch.testing.assert_close(denormalize_latents(z, mean, std), z * 2.0 + 0.5)
+    torch.testing.assert_close(normalize_latents(denormalize_latents(z, mean, std), mean, std), z)
+    assert MochiPipeline.from_pretrained(native_dir, torch_dtype=torch.float32).latent_stats is None  # published
+
+    own = shutil.copytree(native_dir, tmp_path / "own")
+    (own / "latent_stats.json").write_text(json.dumps({"mean": mean, "std": std}))
+    pipe = MochiPipeline.from_pretrained(own, torch_dtype=torch.float32, device="cpu")
+    assert pipe.latent_stats == (mean, std)
+    seen = []
+    pipe.decoder.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    latent = pipe("a cat", seed=1, output_type="latent", **SMALL).frames
+    pipe("a cat", seed=1, **SMALL)
+    torch.testing.assert_close(seen[-1], latent * 2.0 + 0.5)  # the decoder got the folder's denormalization
+
+    (own / "latent_stats.json").write_text(json.dumps({"mean": list(LATENTS_MEAN[:3]), "std": [1.0] * 3}))
+    with pytest.raises(ValueError, match="12 means"):
+        load_latent_stats(own)

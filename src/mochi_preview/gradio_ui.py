@@ -22,6 +22,7 @@ import gradio as gr  # noqa: E402
 
 from . import infer  # noqa: E402
 from .pipeline import DeviceMemoryError, MochiPipeline, NonFiniteLatentsError  # noqa: E402
+from .tiny import DEMO_MODEL_DIR  # noqa: E402
 
 # What the user can get wrong (settings, memory, NaNs, files): shown as a message in the page, never as a traceback.
 USER_ERRORS = (ValueError, OSError, NonFiniteLatentsError, DeviceMemoryError)
@@ -90,7 +91,9 @@ def build_ui(pipe: MochiPipeline, args: argparse.Namespace, model_dir: Path) -> 
     # gradio serves copies of the videos from its cache; drop copies older than a day (the originals stay in out_dir)
     with gr.Blocks(title="Mochi 1 preview", delete_cache=(3600, 86400)) as demo:
         gr.Markdown(f"## Mochi 1 preview\nModel: `{model_dir}` · videos are saved in `{args.out_dir.resolve()}`")
-        if args.model_dir is None:
+        if args.model_dir is None and model_dir == DEMO_MODEL_DIR:
+            gr.Markdown("No --model_dir given: the small demo model (one coloured shape moving; try its prompts).")
+        elif args.model_dir is None:
             gr.Markdown("**No --model_dir given: this model has RANDOM weights; it makes noise, not video.**")
         with gr.Row():
             with gr.Column():

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from .dit import AsymmDiT, load_dit
 from .sampling import check_sigmas, denoise, get_noise, latent_shape, linear_quadratic_schedule
 from .text import TextEncoder
-from .vae import denormalize_latents, load_vae_decoder
+from .vae import denormalize_latents, load_latent_stats, load_vae_decoder
 
 OUTPUT_TYPES = ("np", "pt", "pil", "latent")
 
@@ -113,6 +113,8 @@ class MochiPipeline:
         self.vae_options: dict = {"mode": "auto"}
         self._hooks: list = []
         self.cp = None  # a distributed.ContextParallel once enable_context_parallel() ran
+        # The VAE's per-channel latent (mean, std); None: the published constants. Models trained here bring theirs.
+        self.latent_stats: tuple[list[float], list[float]] | None = None
         self._place()
 
     # ---- loading -------------------------------------------------------------------------------------------
@@ -160,6 +162,7 @@ class MochiPipeline:
             text = TextEncoder.from_folder(t5_dir, dtype=text_encoder_dtype)
         sources = {"model_dir": str(folder), "text_encoder": str(t5_dir)}
         pipe = cls(dit, decoder, text, device=device, sources=sources)
+        pipe.latent_stats = load_latent_stats(folder)
         return pipe._use_context_parallel(cp) if cp is not None else pipe
 
     # ---- several processes ---------------------------------------------------------------------------------
@@ -344,11 +347,15 @@ class MochiPipeline:
             if self.cp is not None:
                 from .vae.parallel import decode_time_split
 
-                video = decode_time_split(decoder, denormalize_latents(z), self.cp.group, **self.vae_options)
+                video = decode_time_split(decoder, self._denormalize(z), self.cp.group, **self.vae_options)
             else:
-                video = decoder(denormalize_latents(z), **self.vae_options)  # (B, 3, T, H, W), about [-1, 1]
+                video = decoder(self._denormalize(z), **self.vae_options)  # (B, 3, T, H, W), about [-1, 1]
         frames = ((video.float() + 1.0) / 2.0).clamp(0.0, 1.0).permute(0, 2, 3, 4, 1)  # (B, T, H, W, 3)
         return MochiOutput(frames=_convert(frames, output_type), timings=timings, peak_memory=peaks)
+
+    def _denormalize(self, z: torch.Tensor) -> torch.Tensor:
+        """DiT space -> VAE space with this model's latent statistics (the published ones by default)."""
+        return denormalize_latents(z, *(self.latent_stats or (None, None)))
 
     def _sample(self, dit, z, sigmas, cond, uncond, guidance, batch_cfg, callback, progress) -> torch.Tensor:
         """The sampler loop with a progress bar, a NaN/inf guard and the user's per-step callback."""

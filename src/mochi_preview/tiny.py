@@ -1,7 +1,7 @@
 """Tiny models with random weights, saved in the real file layouts Mochi loads (no network needed).
 
-Used by the tests, the benchmarks, and by the CLI as its fallback model when no weights are given (until the demo
-model ships): a random model makes noise, not video, and says so.
+Used by the tests, the benchmarks, and by the CLI as its fallback model when no weights are given and the demo model
+(`assets/demo/`) is missing: a random model makes noise, not video, and says so.
 """
 
 import io
@@ -166,17 +166,29 @@ def save_random_model(folder: Path, seed: int = 0, text_dim: int = 64, encoder: 
     return folder
 
 
+DEMO_MODEL_DIR = Path(__file__).parent / "assets" / "demo"
+
+
+def demo_model_dir() -> Path | None:
+    """The small demo model shipped in the package (trained by `python -m mochi_preview.demo.build`), if present."""
+    complete = all((DEMO_MODEL_DIR / name).is_file() for name in ("dit.safetensors", "decoder.safetensors"))
+    return DEMO_MODEL_DIR if complete and (DEMO_MODEL_DIR / "mochi_defaults.json").is_file() else None
+
+
 def default_model_dir() -> Path:
-    """The model used when no --model_dir is given: for now a small RANDOM model (noise, not video)."""
+    """The model used when no --model_dir is given: the shipped demo model, else a small RANDOM model (noise)."""
     import json
     import os
     import sys
 
+    demo = demo_model_dir()
+    if demo is not None:
+        return demo
     cache = Path(os.environ.get("MOCHI_CACHE", Path.home() / ".cache" / "mochi_preview")) / "random-tiny-v1"
     print(
-        "warning: no --model_dir given and no demo model ships yet: generating with a small model with RANDOM "
-        "weights. The output is noise, not a video of your prompt. Pass --model_dir with the published weights "
-        "(see the README) for real videos.",
+        "warning: no --model_dir given and the demo model is missing from the package: generating with a small "
+        "model with RANDOM weights. The output is noise, not a video of your prompt. Pass --model_dir with the "
+        "published weights (see the README) for real videos.",
         file=sys.stderr,
     )
     if not (cache / "mochi_defaults.json").is_file():

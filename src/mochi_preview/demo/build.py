@@ -21,11 +21,19 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from ..dit import AsymmDiT, DiTConfig, save_dit_native
+from ..dit import AsymmDiT, DiTConfig, init_weights, save_dit_native
 from ..text import TextEncoder
 from ..tiny import save_tiny_t5
-from ..train import DiTTrainConfig, DiTTrainer, LatentData, VAETrainConfig, VAETrainer, encode_latent_data
-from ..train import latent_stats, reconstruct
+from ..train import (
+    DiTTrainConfig,
+    DiTTrainer,
+    LatentData,
+    VAETrainConfig,
+    VAETrainer,
+    encode_latent_data,
+    latent_stats,
+    reconstruct,
+)
 from ..vae import Decoder, DecoderConfig, Encoder, EncoderConfig
 from .evaluate import adherence
 from .world import WorldConfig, sample_batch, to_frames
@@ -41,10 +49,10 @@ class DemoSpec:
     vae_blocks: tuple[int, ...] = (0, 0, 1, 1, 1)
     t5_dim: int = 128
     dit_depth: int = 4
-    dit_heads: int = 4
+    dit_heads: int = 3  # 3.9M parameters: 7.8 MB in fp16, inside the 16 MB budget with the VAE and T5
     dit_head_dim: int = 64
     dit_dim_y: int = 128
-    latent_clips: int = 4096  # clips in the DiT's training cache
+    latent_clips: int = 2048  # clips in the DiT's training cache
     num_steps: int = 24  # sampling defaults written to mochi_defaults.json
     cfg_scale: float = 4.5
 
@@ -99,8 +107,9 @@ def clip_batches(spec: DemoSpec, n: int, seed: int, batch: int = 64):
 
 def dit_model(spec: DemoSpec) -> AsymmDiT:
     cfg = DiTConfig.reduced(spec.dit_depth, spec.dit_heads, spec.dit_dim_y, spec.t5_dim, head_dim=spec.dit_head_dim)
-    torch.manual_seed(0)
-    return AsymmDiT(cfg)
+    # init_weights gives the learned RoPE frequencies a spread of values: left at zero (the module's placeholder)
+    # tokens carry no position, and the model never learns where the object is or where it goes.
+    return init_weights(AsymmDiT(cfg), generator=torch.Generator().manual_seed(0))
 
 
 def export(out: Path, dit: AsymmDiT, encoder, decoder, mean, std, spec: DemoSpec, dtype: torch.dtype) -> None:
@@ -123,14 +132,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, required=True, help="model folder to write (native layout)")
     p.add_argument("--work", type=Path, default=None, help="checkpoints and caches (default: OUT/../OUT.work)")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--vae_steps", type=int, default=1500)
+    p.add_argument("--vae_steps", type=int, default=3000)
     p.add_argument("--vae_batch", type=int, default=8)
     p.add_argument("--dit_steps", type=int, default=2000)
     p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16")
+    p.add_argument("--size", type=int, default=DemoSpec.size, help="clip width and height (a multiple of 8)")
+    p.add_argument("--frames", type=int, default=DemoSpec.frames, help="clip length (6k + 1)")
     p.add_argument("--skip_eval", action="store_true")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    spec = DemoSpec()
+    spec = DemoSpec(frames=args.frames, size=args.size)
     out, work = args.out, args.work or args.out.with_name(args.out.name + ".work")
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
@@ -163,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     cache = work / "latents.safetensors"
     stats_file = work / "latent_stats.json"
     if not cache.is_file():
-        mean, std = latent_stats(encoder, (v for v, _ in clip_batches(spec, 1024, seed=1)))
+        mean, std = latent_stats(encoder, (v for v, _ in clip_batches(spec, 512, seed=1)))
         stats_file.write_text(json.dumps({"mean": mean.tolist(), "std": std.tolist()}))
         data = encode_latent_data(encoder, text, clip_batches(spec, spec.latent_clips, seed=2), mean, std)
         data.save(cache)

@@ -203,12 +203,13 @@ def _ing(verb: str) -> str:
     return stem + "ing"
 
 
-def caption(rng: np.random.Generator, attrs: Attributes, phrasing: str = "train") -> str:
-    """A random English caption for `attrs` using the "train", "heldout" or "all" sentence forms."""
+def caption(rng: np.random.Generator, attrs: Attributes, phrasing: str = "train", template: str | None = None) -> str:
+    """A random English caption for `attrs` using the "train", "heldout" or "all" sentence forms (or `template`)."""
     templates = {"train": TRAIN_TEMPLATES, "heldout": HELDOUT_TEMPLATES, "all": TRAIN_TEMPLATES + HELDOUT_TEMPLATES}
     if phrasing not in templates:
         raise ValueError(f"phrasing must be 'train', 'heldout' or 'all'; got {phrasing!r}")
-    template = templates[phrasing][rng.integers(len(templates[phrasing]))]
+    if template is None:
+        template = templates[phrasing][rng.integers(len(templates[phrasing]))]
     pick = lambda options: options[rng.integers(len(options))]
     adjectives = [a for a in ADJECTIVES if rng.random() < 0.2]
     shape = pick(SHAPE_WORDS[attrs.shape])

@@ -1,7 +1,7 @@
 """The AsymmVAE: a causal video decoder and encoder with Genmo's native semantics, and latent normalization."""
 
 from .decode import DecodePlan, estimate_decode_bytes, plan_decode
-from .latents import LATENTS_MEAN, LATENTS_STD, denormalize_latents, normalize_latents
+from .latents import LATENTS_MEAN, LATENTS_STD, denormalize_latents, load_latent_stats, normalize_latents
 from .model import Decoder, DecoderConfig, Encoder, EncoderConfig, fourier_features
 from .weights import infer_decoder_config, infer_encoder_config, load_vae_decoder, load_vae_encoder
 
@@ -14,6 +14,7 @@ __all__ = [
     "Encoder",
     "EncoderConfig",
     "denormalize_latents",
+    "load_latent_stats",
     "estimate_decode_bytes",
     "fourier_features",
     "infer_decoder_config",

@@ -35,22 +35,40 @@ LATENTS_STD = (
 )
 
 
-def _stats(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    if z.ndim != 5 or z.shape[1] != len(LATENTS_MEAN):
-        raise ValueError(f"latents must be shaped (B, {len(LATENTS_MEAN)}, T, H, W); got {tuple(z.shape)}")
+def _stats(z: torch.Tensor, mean=None, std=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel (mean, std) shaped (C, 1, 1, 1) in z's dtype: the published ones unless a model brings its own."""
+    mean = LATENTS_MEAN if mean is None else mean
+    std = LATENTS_STD if std is None else std
+    if z.ndim != 5 or z.shape[1] != len(mean) or len(std) != len(mean):
+        raise ValueError(f"latents must be shaped (B, {len(mean)}, T, H, W); got {tuple(z.shape)}")
     # Held as fp32 and applied in the latents' dtype, as natively; broadcast over (T, H, W).
-    mean = torch.tensor(LATENTS_MEAN, dtype=torch.float32).to(z.device, z.dtype)[:, None, None, None]
-    std = torch.tensor(LATENTS_STD, dtype=torch.float32).to(z.device, z.dtype)[:, None, None, None]
+    mean = torch.as_tensor(mean, dtype=torch.float32).to(z.device, z.dtype)[:, None, None, None]
+    std = torch.as_tensor(std, dtype=torch.float32).to(z.device, z.dtype)[:, None, None, None]
     return mean, std
 
 
-def normalize_latents(z: torch.Tensor) -> torch.Tensor:
-    """VAE space -> DiT space: (z - mean) / std per channel of (B, 12, T, H, W)."""
-    mean, std = _stats(z)
+def normalize_latents(z: torch.Tensor, mean=None, std=None) -> torch.Tensor:
+    """VAE space -> DiT space: (z - mean) / std per channel of (B, 12, T, H, W); published mean/std by default."""
+    mean, std = _stats(z, mean, std)
     return (z - mean) / std
 
 
-def denormalize_latents(z: torch.Tensor) -> torch.Tensor:
+def denormalize_latents(z: torch.Tensor, mean=None, std=None) -> torch.Tensor:
     """DiT space -> VAE space: z * std + mean per channel of (B, 12, T, H, W); decode the result."""
-    mean, std = _stats(z)
+    mean, std = _stats(z, mean, std)
     return z * std + mean
+
+
+def load_latent_stats(folder) -> tuple[list[float], list[float]] | None:
+    """A model folder's own normalization constants (`latent_stats.json`: "mean" and "std" lists), if it has them."""
+    import json
+    from pathlib import Path
+
+    path = Path(folder) / "latent_stats.json"
+    if not path.is_file():
+        return None
+    stats = json.loads(path.read_text())
+    mean, std = [float(x) for x in stats["mean"]], [float(x) for x in stats["std"]]
+    if len(mean) != len(LATENTS_MEAN) or len(std) != len(LATENTS_STD) or min(std) <= 0:
+        raise ValueError(f"{path}: expected {len(LATENTS_MEAN)} means and as many positive stds")
+    return mean, std
