@@ -1,10 +1,13 @@
 """DiT forward: ours next to diffusers' MochiTransformer3DModel, same random weights and inputs, one process run.
 
 Reduced depth, published width (2 blocks of 3072/1536, 24 heads of 128). Reports time ratios (ours / diffusers) per
-dtype, and the achieved FLOP rate over the matmul rate measured in the same run. Optionally one block at a long
-sequence (>= 16,000 visual tokens), where attention dominates as at the published size.
+dtype, and the achieved FLOP rate over the matmul rate measured in the same run (F.linear at a DiT shape, per dtype).
+`--long` adds one block at 16,000 visual tokens, where attention is half the FLOPs (at 163 frames it is 71%).
 
-    python bench/bench_dit.py [--tokens 1495] [--long] [--repeats 5] [--threads 2]
+On a CPU without bf16 instructions our bf16 model multiplies bf16-stored tensors in fp32 (exact upcast, one rounding
+of each output: what a GPU's tensor cores do), so its rate is compared with both the bf16 and the fp32 matmul rate.
+
+    python bench/bench_dit.py [--long] [--long_bf16] [--compile] [--repeats 5] [--threads 2]
 """
 
 from __future__ import annotations
@@ -32,11 +35,11 @@ def dit_flops(n: int, l_text: int, depth: int, dx: int = 3072, dy: int = 1536, h
     return depth * per_block + 2 * n * dx * 48  # + final projection
 
 
-def matmul_rate(dtype: torch.dtype, m: int = 2048, k: int = 3072, n: int = 3072, repeats: int = 5) -> float:
-    """Best-of matmul FLOP rate at a DiT-like shape."""
-    a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
-    a @ b
-    best = min(_timed(torch.mm, a, b) for _ in range(repeats))
+def matmul_rate(dtype: torch.dtype, m: int = 1536, k: int = 3072, n: int = 3072, repeats: int = 3) -> float:
+    """Best-of F.linear FLOP rate at the shape of a DiT projection (tokens x 3072 -> 3072)."""
+    a, w = torch.randn(m, k, dtype=dtype), torch.randn(n, k, dtype=dtype)
+    torch.nn.functional.linear(a, w)
+    best = min(_timed(torch.nn.functional.linear, a, w) for _ in range(repeats))
     return 2 * m * k * n / best
 
 
@@ -59,10 +62,11 @@ def build(depth: int, folder: Path):
     return theirs
 
 
-def compare(depth: int, frames: int, rows: int, cols: int, text_valid: int, repeats: int) -> list[str]:
+def compare(depth, frames, rows, cols, text_valid, repeats, dtypes, compile_too=False) -> list[str]:
     from mochi_preview import load_dit
 
     lines = []
+    rates = {dt: matmul_rate(dt) for dt in (torch.float32, torch.bfloat16)}
     with tempfile.TemporaryDirectory() as tmp:
         theirs32 = build(depth, Path(tmp))
         n = frames * (rows // 2) * (cols // 2)
@@ -74,25 +78,43 @@ def compare(depth: int, frames: int, rows: int, cols: int, text_valid: int, repe
         sigma = torch.tensor([0.6])
         flops = dit_flops(n, text_valid, depth)
         lines.append(f"{depth} block(s), {n} visual + {text_valid} valid text tokens, {flops / 1e9:.0f} GFLOP")
-        for dtype in (torch.float32, torch.bfloat16):
+        lines.append(
+            "| dtype | ours s | diffusers s | **ours / diffusers** | ours GFLOP/s | of matmul rate (same dtype) "
+            "| of fp32 matmul rate | diffusers of matmul rate (same dtype) |"
+        )
+        lines.append("|---|---|---|---|---|---|---|---|")
+        for dtype in dtypes:
             ours = load_dit(tmp, dtype=dtype)
             theirs = theirs32.to(dtype)
+            variants = [("", ours)]
+            if compile_too:
+                variants.append((" compiled", load_dit(tmp, dtype=dtype).compile_blocks()))
             args_ours = (latents, sigma, feats, mask)
             args_theirs = (latents.to(dtype), feats.to(dtype), 1000 * (1 - sigma), mask.long())
             with torch.inference_mode():
-                ours(*args_ours), theirs(*args_theirs, return_dict=False)  # warm-up
-                t_ours, t_theirs = [], []
+                for _, model in variants:
+                    model(*args_ours)  # warm-up (and compilation)
+                theirs(*args_theirs, return_dict=False)
+                times = {name: [] for name, _ in variants}
+                t_theirs = []
                 for _ in range(repeats):  # interleaved, so machine noise hits both sides alike
-                    t_ours.append(_timed(ours, *args_ours))
+                    for name, model in variants:
+                        times[name].append(_timed(model, *args_ours))
                     t_theirs.append(_timed(theirs, *args_theirs, return_dict=False))
-            a, b = statistics.median(t_ours), statistics.median(t_theirs)
-            rate = matmul_rate(dtype)
-            lines.append(
-                f"  {str(dtype).removeprefix('torch.'):9s} ours {a:7.3f} s  diffusers {b:7.3f} s  ratio {a / b:5.2f}"
-                f"  |  ours {flops / a / 1e9:6.1f} GFLOP/s = {flops / a / rate:4.0%} of matmul {rate / 1e9:.1f} GFLOP/s"
-                f"  (diffusers {flops / b / rate:4.0%})"
-            )
-            del ours
+            b = statistics.median(t_theirs)
+            rate, rate32 = rates[dtype], rates[torch.float32]
+            name = str(dtype).removeprefix("torch.")
+            for variant, ts in times.items():
+                a = statistics.median(ts)
+                lines.append(
+                    f"| {name}{variant} | {a:.3f} | {b:.3f} | **{a / b:.2f}** | {flops / a / 1e9:.1f} "
+                    f"| {flops / a / rate:.0%} | {flops / a / rate32:.0%} | {flops / b / rate:.0%} |"
+                )
+            del ours, variants
+        lines.append(
+            "matmul rate (F.linear 1536x3072 -> 3072): "
+            + ", ".join(f"{str(k).removeprefix('torch.')} {v / 1e9:.1f} GFLOP/s" for k, v in rates.items())
+        )
     return lines
 
 
@@ -100,15 +122,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--long", action="store_true", help="also one block at 16,000 visual tokens (slow on CPU)")
+    parser.add_argument("--long", action="store_true", help="also one block at 16,000 visual tokens (fp32)")
+    parser.add_argument("--long_bf16", action="store_true", help="the long case in bf16 too (diffusers: ~10 min)")
+    parser.add_argument("--compile", action="store_true", help="also our model with compile_blocks()")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    for line in compare(depth=2, frames=5, rows=26, cols=46, text_valid=64, repeats=args.repeats):  # 1495 tokens
-        print(line)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d %H:%M')}")
+    both = (torch.float32, torch.bfloat16)
+    for line in compare(2, 5, 26, 46, 64, args.repeats, both, args.compile):  # 1,495 visual tokens
+        print(line, flush=True)
     if args.long:
-        for line in compare(depth=1, frames=16, rows=40, cols=100, text_valid=64, repeats=2):  # 16,000 tokens
-            print(line)
+        dtypes = both if args.long_bf16 else (torch.float32,)
+        for line in compare(1, 16, 40, 100, 64, 2, dtypes):  # 16,000 visual tokens
+            print(line, flush=True)
 
 
 if __name__ == "__main__":

@@ -123,3 +123,26 @@ def test_module_entry_point_runs(native_dir, tmp_path):
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "v.mp4").is_file() and (tmp_path / "v.json").is_file()
+
+
+def test_speed_and_memory_flags_reach_the_model(native_dir, monkeypatch, tmp_path):
+    """--fp8, --attention, --attention_chunk, --compile: each changes the loaded pipeline, and the video is made."""
+    from mochi_preview import infer
+    from mochi_preview.dit.fp8 import FP8Linear
+
+    seen = {}
+    real = infer.generate
+
+    def spy(pipe, *args, **kwargs):
+        seen["pipe"] = pipe
+        return real(pipe, *args, **kwargs)
+
+    monkeypatch.setattr(infer, "generate", spy)
+    monkeypatch.setattr(infer.MochiPipeline, "compile", lambda self, **kw: seen.setdefault("compiled", self))
+    flags = ["--fp8", "channel", "--attention", "sdpa", "--attention_chunk", "7", "--compile"]
+    out = tmp_path / "v.mp4"
+    assert run("--prompt", "x", "--model_dir", native_dir, "--output", out, *SMALL, *flags) == 0
+    pipe = seen["pipe"]
+    assert out.is_file() and seen["compiled"] is pipe
+    assert isinstance(pipe.dit.blocks[0].attn.qkv_x, FP8Linear) and pipe.dit.blocks[0].attn.qkv_x.scale.ndim == 2
+    assert (pipe.dit.attention.backend, pipe.dit.attention.chunk) == ("sdpa", 7)

@@ -107,7 +107,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpu_offload", action="store_true", help="keep models on the CPU, one on the device at a time")
     p.add_argument("--sequential_offload", action="store_true", help="also stream DiT blocks one by one (least memory)")
     p.add_argument("--vae_tiling", choices=["auto", "on", "off"], default="auto", help="tiled VAE decoding")
-    p.add_argument("--attention", choices=["sdpa", "flash", "sage"], default="sdpa", help="attention backend")
+    p.add_argument(
+        "--attention",
+        choices=["auto", "sdpa", "flash", "sage"],
+        default="auto",
+        help="attention kernel (auto: flash-attn on a GPU that has it, else PyTorch SDPA)",
+    )
+    p.add_argument("--attention_chunk", type=int, help="SDPA query rows per call (default: 4096 on CPU, all on GPU)")
+    p.add_argument(
+        "--fp8",
+        choices=["tensor", "channel", "checkpoint"],
+        help="DiT block weights in float8 (half of bf16): quantize per tensor / per channel, or keep a fp8 file's",
+    )
+    p.add_argument("--compile", action="store_true", help="torch.compile the DiT and VAE blocks (slow first run)")
     p.add_argument("--batch_cfg", action="store_true", help="run both CFG branches in one batch (more memory)")
     p.add_argument(
         "--cfg_parallel", choices=["auto", "on", "off"], default="auto", help="torchrun: CFG branches on rank halves"
@@ -170,6 +182,8 @@ def load_pipeline(args: argparse.Namespace) -> tuple[MochiPipeline, Path]:
         text_encoder_path=args.t5_dir,
         text_encoder_dtype=DTYPES[args.t5_dtype],
         attention_backend=args.attention,
+        attention_chunk=args.attention_chunk,
+        fp8=args.fp8,
         context_parallel=parallel,
         cfg_parallel={"auto": None, "on": True, "off": False}[args.cfg_parallel],
         shard_dit=args.shard_dit,
@@ -178,6 +192,8 @@ def load_pipeline(args: argparse.Namespace) -> tuple[MochiPipeline, Path]:
         pipe.enable_sequential_cpu_offload()
     elif args.cpu_offload:
         pipe.enable_model_cpu_offload()
+    if args.compile:
+        pipe.compile()
     if args.vae_tiling == "on":
         pipe.enable_vae_tiling()
     elif args.vae_tiling == "off":

@@ -30,16 +30,23 @@ An astronaut walks on the surface of the moon, dust drifting behind every step.
 """
 
 
-@lru_cache(maxsize=1)
-def spiece_model_bytes(vocab_size: int = 200) -> bytes:
-    """Train (once per session) a deterministic unigram sentencepiece model with T5's pad 0, eos 1, unk 2."""
+@lru_cache(maxsize=4)
+def spiece_model_bytes(vocab_size: int = 200, corpus: str = CORPUS, model_type: str = "unigram") -> bytes:
+    """Train (once per session and corpus) a deterministic unigram sentencepiece model, like T5's, with T5's pad 0,
+    eos 1, unk 2.
+
+    model_type "bpe": the pieces come from BPE training (on a small corpus unigram training keeps few pieces and cuts
+    frequent words apart), then the model is stored as a unigram model with equal scores, i.e. the fewest pieces
+    win. transformers' T5 tokenizer reads every spiece.model as unigram, so this is the form both agree on.
+    """
     import sentencepiece as spm
+    from sentencepiece import sentencepiece_model_pb2 as pb
 
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(CORPUS.splitlines() * 8),
+        sentence_iterator=iter(corpus.splitlines() * 8),
         model_writer=buf,
-        model_type="unigram",
+        model_type=model_type,
         vocab_size=vocab_size,
         hard_vocab_limit=False,  # the corpus is small: take what it yields
         character_coverage=1.0,
@@ -53,27 +60,37 @@ def spiece_model_bytes(vocab_size: int = 200) -> bytes:
         num_threads=1,  # determinism
         minloglevel=2,
     )
-    return buf.getvalue()
+    if model_type != "bpe":
+        return buf.getvalue()
+    model = pb.ModelProto.FromString(buf.getvalue())
+    model.trainer_spec.model_type = pb.TrainerSpec.UNIGRAM
+    for piece in model.pieces:
+        if piece.type == pb.ModelProto.SentencePiece.NORMAL:
+            piece.score = -1.0
+    return model.SerializeToString()
 
 
-def save_tiny_t5_tokenizer(folder: Path, tokenizer_json: bool = True) -> None:
+def save_tiny_t5_tokenizer(
+    folder: Path, tokenizer_json: bool = True, vocab_size: int = 200, corpus: str = CORPUS, model_type: str = "unigram"
+) -> None:
     """Write spiece.model (+ tokenizer.json and tokenizer_config.json when asked) like a T5 hub folder."""
     from transformers import T5Tokenizer
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "spiece.model").write_bytes(spiece_model_bytes())
+    (folder / "spiece.model").write_bytes(spiece_model_bytes(vocab_size, corpus, model_type))
     if tokenizer_json:
         with tempfile.TemporaryDirectory() as tmp:
             shutil.copy(folder / "spiece.model", tmp)
             T5Tokenizer.from_pretrained(tmp, legacy=False, model_max_length=256).save_pretrained(folder)
 
 
-def tiny_vocab_size() -> int:
+def tiny_vocab_size(vocab_size: int = 200, corpus: str = CORPUS, model_type: str = "unigram") -> int:
     """Embedding rows: tokenizer size with T5's 100 sentinels, padded to a multiple of 64 (T5 has 32128)."""
     import sentencepiece as spm
 
-    n = spm.SentencePieceProcessor(model_proto=spiece_model_bytes()).get_piece_size() + 100
+    pieces = spm.SentencePieceProcessor(model_proto=spiece_model_bytes(vocab_size, corpus, model_type)).get_piece_size()
+    n = pieces + 100
     return -(-n // 64) * 64
 
 
@@ -86,13 +103,17 @@ def save_tiny_t5(
     seed: int = 0,
     tokenizer_json: bool = True,
     with_tokenizer: bool = True,
+    vocab_size: int = 200,
+    corpus: str = CORPUS,
+    model_type: str = "unigram",
 ) -> None:
-    """Save a random T5 v1.1-style encoder (config.json, model.safetensors) and its tokenizer in `folder`."""
+    """Save a random T5 v1.1-style encoder (config.json, model.safetensors) and its tokenizer in `folder`; the
+    sentencepiece tokenizer is trained on `corpus` with about `vocab_size` pieces."""
     from transformers import T5Config, T5EncoderModel
 
     folder = Path(folder)
     config = T5Config(
-        vocab_size=tiny_vocab_size(),
+        vocab_size=tiny_vocab_size(vocab_size, corpus, model_type),
         d_model=d_model,
         d_kv=d_model // num_heads,
         d_ff=d_ff,
@@ -111,7 +132,7 @@ def save_tiny_t5(
                 p.add_(torch.randn_like(p) * 0.02)
     model.save_pretrained(folder)
     if with_tokenizer:
-        save_tiny_t5_tokenizer(folder, tokenizer_json=tokenizer_json)
+        save_tiny_t5_tokenizer(folder, tokenizer_json, vocab_size, corpus, model_type)
 
 
 def save_tiny_t5_diffusers_layout(model_dir: Path, **kwargs) -> None:

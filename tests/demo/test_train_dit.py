@@ -204,3 +204,85 @@ def test_latent_data_encoding_normalizes_trims_and_round_trips(tmp_path):
         assert torch.equal(getattr(back, name), getattr(data, name))
     no_logvar = encode_latent_data(_FakeEncoder(), _FakeText(), batches, mean, std)
     assert no_logvar.logvar is None
+
+
+def _captioned_data(n: int = 4) -> LatentData:
+    data = _data(n)
+    data.captions = ["a red ball moves left", "a blue box moves from right to left", "up", "the green disc"][:n]
+    return data
+
+
+def _text(tmp_path):
+    from mochi_preview.text import TextEncoder
+    from mochi_preview.tiny import save_tiny_t5
+
+    save_tiny_t5(tmp_path / "t5", d_model=TINY.text_dim, seed=0)
+    return TextEncoder.from_folder(tmp_path / "t5")
+
+
+def test_text_encoder_trains_with_the_dit_and_resumes(tmp_path):
+    cfg = DiTTrainConfig(steps=6, batch_size=4, lr=1e-3, warmup=2, threads=1, seed=3, checkpoint_every=100)
+    text = _text(tmp_path)
+    before = {k: v.clone() for k, v in text.model.state_dict().items()}
+    straight = DiTTrainer(_model(), _captioned_data(), cfg, text=text)
+    assert straight.ids.shape[1] == straight.mask.sum(1).max()  # cut to the longest caption (with EOS)
+    straight.fit(progress=False)
+    t5 = straight.ema_model().t5
+    assert any(not torch.equal(before[k], v) for k, v in t5.state_dict().items())  # the T5 itself learned
+
+    first = DiTTrainer(_model(), _captioned_data(), cfg, text=_text(tmp_path / "a"))
+    first.fit(until=3, checkpoint=tmp_path / "ckpt", progress=False)  # tied embeddings saved under both names
+    resumed = DiTTrainer(_model(seed=99), _captioned_data(), cfg, text=_text(tmp_path / "b"))
+    resumed.fit(checkpoint=tmp_path / "ckpt", progress=False)
+    a, b = straight.state(), resumed.state()
+    for k in a[0]:
+        assert torch.equal(a[0][k], b[0][k]), k
+
+
+def test_dropped_captions_reach_the_dit_as_no_text(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    ids, mask = torch.ones(64, 5, dtype=torch.long), torch.ones(64, 5, dtype=torch.bool)
+    dropped_ids, dropped_mask = drop_captions(ids, mask, 0.5, g)
+    gone = ~dropped_mask.any(1)
+    assert 10 < int(gone.sum()) < 54 and (dropped_ids[gone] == 0).all() and (dropped_ids[~gone] == 1).all()
+
+
+def test_training_the_text_encoder_needs_captions(tmp_path):
+    with pytest.raises(ValueError, match="captions"):
+        DiTTrainer(_model(), _data(), DiTTrainConfig(threads=1), text=_text(tmp_path))
+
+
+def test_fresh_captions_every_step_and_exact_resume(tmp_path):
+    cfg = DiTTrainConfig(steps=4, batch_size=3, lr=1e-3, warmup=1, threads=1, seed=5, checkpoint_every=100)
+    words = ["left", "right", "up", "down"]
+    seen = []
+
+    def recaption(indices, rng):
+        captions = [f"clip {i} moves {words[rng.integers(4)]}" for i in indices]
+        seen.append(captions)
+        return captions
+
+    straight = DiTTrainer(_model(), _captioned_data(), cfg, text=_text(tmp_path), recaption=recaption)
+    straight.fit(progress=False)
+    assert len(seen) == 4 and len({c for batch in seen for c in batch}) > 4  # new phrasings, not the cache's
+    first = DiTTrainer(_model(), _captioned_data(), cfg, text=_text(tmp_path / "a"), recaption=recaption)
+    first.fit(until=2, checkpoint=tmp_path / "ckpt", progress=False)
+    resumed = DiTTrainer(_model(seed=9), _captioned_data(), cfg, text=_text(tmp_path / "b"), recaption=recaption)
+    resumed.fit(checkpoint=tmp_path / "ckpt", progress=False)  # the numpy caption stream resumes too
+    a, b = straight.state(), resumed.state()
+    for k in a[0]:
+        assert torch.equal(a[0][k], b[0][k]), k
+    with pytest.raises(ValueError, match="text encoder"):
+        DiTTrainer(_model(), _captioned_data(), cfg, recaption=recaption)
+
+
+def test_frozen_text_encoder_runs_on_fresh_captions_but_stays_put(tmp_path):
+    cfg = DiTTrainConfig(steps=3, batch_size=2, lr=1e-3, warmup=1, threads=1, train_text_encoder=False)
+    text = _text(tmp_path)
+    before = {k: v.clone() for k, v in text.model.state_dict().items()}
+    trainer = DiTTrainer(
+        _model(), _captioned_data(), cfg, text=text, recaption=lambda idx, rng: ["a red ball"] * len(idx)
+    )
+    trainer.fit(progress=False)
+    assert all(torch.equal(before[k], v) for k, v in trainer.model.t5.state_dict().items())
+    assert trainer.history[-1]["loss"] > 0 and not any(p.requires_grad for p in trainer.model.t5.parameters())

@@ -1,10 +1,13 @@
 """Build the demo model from scratch: `python -m mochi_preview.demo.build --out DIR [--threads 2]`.
 
 Stages, each resumable (trainers checkpoint under `--work`; finished stages are skipped):
-1. a frozen tiny T5 (random T5 v1.1 architecture) and its sentencepiece tokenizer, written to `OUT/t5/`;
+1. a tiny T5 (random T5 v1.1 architecture) and its sentencepiece tokenizer, written to `WORK/t5_init/`;
 2. the VAE (reconstruction + object colour + KL), then a colour check of its reconstructions with the evaluator;
 3. the latent statistics (per-channel mean/std, the demo's normalization constants) and a cache of encoded clips;
-4. the DiT, trained with flow matching on that cache;
+4. the DiT, trained with flow matching on that cache (the cached captions' frozen T5 features by default;
+   `--captions fresh` draws a new caption for each clip at every step, `--text_encoder trained` trains the T5 along,
+   `--tokenizer captions` trains the tokenizer on the world's captions: none of these beat the default so far,
+   see bench/RESULTS.md);
 5. export in the published native layout (dit/decoder/encoder.safetensors, t5/) plus `mochi_defaults.json` and
    `latent_stats.json`, then the adherence evaluation (`evaluate_model`).
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,7 +27,7 @@ from safetensors.torch import save_file
 
 from ..dit import AsymmDiT, DiTConfig, init_weights, save_dit_native
 from ..text import TextEncoder
-from ..tiny import save_tiny_t5
+from ..tiny import CORPUS, save_tiny_t5
 from ..train import (
     DiTTrainConfig,
     DiTTrainer,
@@ -36,7 +40,7 @@ from ..train import (
 )
 from ..vae import Decoder, DecoderConfig, Encoder, EncoderConfig
 from .evaluate import adherence
-from .world import WorldConfig, sample_batch, to_frames
+from .world import MOVES, WorldConfig, caption, combos, sample_batch, to_frames
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,7 @@ class DemoSpec:
     vae_channels: tuple[int, ...] = (32, 32, 64, 64)
     vae_blocks: tuple[int, ...] = (0, 0, 1, 1, 1)
     t5_dim: int = 128
+    t5_vocab: int = 400  # BPE pieces: every caption word whole, plus pieces for other English
     dit_depth: int = 4
     dit_heads: int = 3  # 3.9M parameters: 7.8 MB in fp16, inside the 16 MB budget with the VAE and T5
     dit_head_dim: int = 64
@@ -60,15 +65,38 @@ class DemoSpec:
         return WorldConfig(frames=self.frames, height=self.size, width=self.size)
 
 
+CACHE_SEED = 2  # the seed of the DiT's clip cache (the VAE trains on its own stream)
+
+
 def log(msg: str) -> None:
     """Timestamped progress line (the trainers' tqdm bars show the per-step loss)."""
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def build_t5(out: Path, spec: DemoSpec) -> None:
-    """A random, frozen T5 encoder: its features differ per word, which is all the DiT needs to be steered."""
-    if not (out / "t5" / "model.safetensors").is_file():
-        save_tiny_t5(out / "t5", d_model=spec.t5_dim, num_layers=2, num_heads=4, d_ff=2 * spec.t5_dim, seed=0)
+def caption_corpus(n: int = 3000, seed: int = 7) -> str:
+    """Training-phrasing captions plus the generic tiny corpus: what the demo's tokenizer is trained on."""
+    rng = np.random.default_rng(seed)
+    pool = combos("train", MOVES + ("still",))
+    lines = [caption(rng, pool[rng.integers(len(pool))], "train") for _ in range(n)]
+    words = sorted({w.strip(".,").lower() for line in lines for w in line.split()})
+    lines.append(" ".join(w.capitalize() for w in words))  # any word may open a prompt
+    return "\n".join(lines) + "\n" + CORPUS
+
+
+def build_t5(folder: Path, spec: DemoSpec, tokenizer: str = "generic") -> None:
+    """A random T5 encoder and its tokenizer: the starting point of the text encoder (or all of it, when frozen).
+
+    tokenizer "generic": the package's tiny English tokenizer, which cuts the world's words apart ("left" is
+    "▁ le ft", sharing "ft" with "drifts"; "bright" is "b right", sharing "right" with a direction); "captions":
+    trained on the world's captions (as T5's was on its corpus), so each of their words is one piece.
+    """
+    if (folder / "model.safetensors").is_file():
+        return
+    size = dict(d_model=spec.t5_dim, num_layers=2, num_heads=4, d_ff=2 * spec.t5_dim, seed=0)
+    if tokenizer == "generic":
+        save_tiny_t5(folder, **size)
+    else:  # BPE pieces keep the frequent words whole; unigram training on this corpus split them
+        save_tiny_t5(folder, **size, vocab_size=spec.t5_vocab, corpus=caption_corpus(), model_type="bpe")
 
 
 def vae_models(spec: DemoSpec) -> tuple[Encoder, Decoder]:
@@ -97,12 +125,21 @@ def train_vae(work: Path, spec: DemoSpec, cfg: VAETrainConfig) -> tuple[Encoder,
     return ema["encoder"], ema["decoder"]
 
 
-def clip_batches(spec: DemoSpec, n: int, seed: int, batch: int = 64):
-    """Training clips with captions, in batches, from their own seed (independent of the VAE's stream)."""
+def clip_batches(spec: DemoSpec, n: int, seed: int, batch: int = 64, with_attributes: bool = False):
+    """Training clips with captions (and attributes), in batches, from their own seed (independent of the VAE's)."""
     rng = np.random.default_rng(seed)
     for i in range(0, n, batch):
-        videos, captions, _ = sample_batch(rng, min(batch, n - i), config=spec.world())
-        yield videos, captions
+        videos, captions, attrs = sample_batch(rng, min(batch, n - i), config=spec.world())
+        yield (videos, captions, attrs) if with_attributes else (videos, captions)
+
+
+def recaptioner(spec: DemoSpec, data: LatentData, seed: int):
+    """Fresh training-phrasing captions for cached clips: their attributes are replayed from the cache's seed."""
+    attrs = [a for _, _, batch in clip_batches(spec, len(data), seed, with_attributes=True) for a in batch]
+    for a, text in zip(attrs, data.captions or []):  # the replay must give the cached clips
+        if a.colour not in text.lower():
+            raise ValueError(f"latent cache does not match its seed: {text!r} is not {a}; delete the cache")
+    return lambda indices, rng: [caption(rng, attrs[i], "train") for i in indices]
 
 
 def dit_model(spec: DemoSpec) -> AsymmDiT:
@@ -112,9 +149,14 @@ def dit_model(spec: DemoSpec) -> AsymmDiT:
     return init_weights(AsymmDiT(cfg), generator=torch.Generator().manual_seed(0))
 
 
-def export(out: Path, dit: AsymmDiT, encoder, decoder, mean, std, spec: DemoSpec, dtype: torch.dtype) -> None:
-    """Write the native layout; `dtype` halves the files (the loaders cast back on load)."""
+def export(out: Path, dit: AsymmDiT, t5, t5_init: Path, encoder, decoder, mean, std, spec, dtype) -> None:
+    """Write the native layout; `dtype` halves the DiT and VAE files (the loaders cast back on load); T5 stays fp32."""
     half = lambda module: {k: v.detach().to(dtype).contiguous() for k, v in module.state_dict().items()}
+    (out / "t5").mkdir(exist_ok=True)
+    for f in t5_init.iterdir():  # the tokenizer files (and the random weights, replaced below when trained)
+        shutil.copyfile(f, out / "t5" / f.name)
+    if t5 is not None:
+        t5.save_pretrained(out / "t5")
     (out / "dit.safetensors").unlink(missing_ok=True)  # save_dit_native refuses to overwrite
     save_dit_native(out / "dit.safetensors", dit, dtype=dtype)
     save_file(half(decoder), str(out / "decoder.safetensors"))
@@ -138,6 +180,24 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16")
     p.add_argument("--size", type=int, default=DemoSpec.size, help="clip width and height (a multiple of 8)")
     p.add_argument("--frames", type=int, default=DemoSpec.frames, help="clip length (6k + 1)")
+    p.add_argument(
+        "--text_encoder",
+        choices=["trained", "frozen"],
+        default="frozen",
+        help="keep the random T5 (default) or train it with the DiT",
+    )
+    p.add_argument(
+        "--captions",
+        choices=["cached", "fresh"],
+        default="cached",
+        help="the cache's caption per clip (default) or a new one at every step",
+    )
+    p.add_argument(
+        "--tokenizer",
+        choices=["generic", "captions"],
+        default="generic",
+        help="the tiny generic tokenizer (default) or one trained on the captions",
+    )
     p.add_argument("--skip_eval", action="store_true")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -149,8 +209,9 @@ def main(argv: list[str] | None = None) -> None:
     start = time.time()
 
     log("1/5 text encoder")
-    build_t5(out, spec)
-    text = TextEncoder.from_folder(out / "t5")
+    t5_init = work / "t5_init"
+    build_t5(t5_init, spec, args.tokenizer)
+    text = TextEncoder.from_folder(t5_init)
 
     log("2/5 VAE")
     vae_cfg = VAETrainConfig(
@@ -176,7 +237,7 @@ def main(argv: list[str] | None = None) -> None:
     if not cache.is_file():
         mean, std = latent_stats(encoder, (v for v, _ in clip_batches(spec, 512, seed=1)))
         stats_file.write_text(json.dumps({"mean": mean.tolist(), "std": std.tolist()}))
-        data = encode_latent_data(encoder, text, clip_batches(spec, spec.latent_clips, seed=2), mean, std)
+        data = encode_latent_data(encoder, text, clip_batches(spec, spec.latent_clips, seed=CACHE_SEED), mean, std)
         data.save(cache)
     stats = json.loads(stats_file.read_text())
     mean, std = torch.tensor(stats["mean"]), torch.tensor(stats["std"])
@@ -184,13 +245,29 @@ def main(argv: list[str] | None = None) -> None:
     log(f"latent std per channel (VAE space): {[round(x, 2) for x in stats['std']]}")
 
     log("4/5 DiT")
-    dit_cfg = DiTTrainConfig(steps=args.dit_steps, lr=6e-4, warmup=100, threads=args.threads, checkpoint_every=250)
-    trainer = DiTTrainer(dit_model(spec), data, dit_cfg)
+    trained = args.text_encoder == "trained"
+    dit_cfg = DiTTrainConfig(
+        steps=args.dit_steps,
+        lr=6e-4,
+        warmup=100,
+        threads=args.threads,
+        checkpoint_every=250,
+        train_text_encoder=trained,
+    )
+    fresh = args.captions == "fresh"
+    if trained or fresh:  # T5 runs at every step on token ids (trained or not) instead of the cached features
+        recaption = recaptioner(spec, data, seed=CACHE_SEED) if fresh else None
+        text = TextEncoder.from_folder(t5_init)
+        trainer = DiTTrainer(dit_model(spec), data, dit_cfg, text=text, recaption=recaption)
+    else:
+        trainer = DiTTrainer(dit_model(spec), data, dit_cfg)
     trainer.fit(checkpoint=work / "dit")
+    ema = trainer.ema_model()
+    dit, t5 = (ema.dit, ema.t5 if trained else None) if (trained or fresh) else (ema, None)
 
     log("5/5 export and evaluation")
     dtype = getattr(torch, args.dtype)
-    export(out, trainer.ema_model(), encoder, decoder, mean, std, spec, dtype)
+    export(out, dit, t5, t5_init, encoder, decoder, mean, std, spec, dtype)
     log(f"built {out} in {(time.time() - start) / 60:.1f} min (this run; resumed stages count only their new part)")
     if not args.skip_eval:
         from .evaluate_model import main as evaluate

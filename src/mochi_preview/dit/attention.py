@@ -3,6 +3,10 @@
 Valid text tokens of each sample are moved to the front (stable order) and the text axis is cut to the longest
 valid count, so attention sees no padding at all when every sample has the same count (B = 1, or equal prompts),
 and only a short key mask otherwise. Padded text positions get zeros back, as in the reference.
+
+Backends: "sdpa" (PyTorch's fused kernels, always there), "flash" (flash-attn varlen) and "sage" (SageAttention,
+8-bit, a quality trade-off) when installed; "auto" takes flash on a GPU that has it, else SDPA. SDPA runs in query
+chunks when asked (and by default on CPU), so memory grows linearly with the sequence whatever kernel PyTorch picks.
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-BACKENDS = ("sdpa", "flash", "sage")
+BACKENDS = ("auto", "sdpa", "flash", "sage")
+CPU_CHUNK = 4096  # query rows per SDPA call on CPU: a (4096 x N) score block per head at most
 
 
 @dataclass(frozen=True)
@@ -66,11 +71,35 @@ def available_backends() -> list[str]:
 
 
 def check_backend(name: str) -> str:
+    """Validate a backend name at configuration time ("auto" is resolved per call, once the device is known)."""
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; valid: {', '.join(BACKENDS)}")
-    if name not in available_backends():
+    if name != "auto" and name not in available_backends():
         raise ValueError(f"attention backend {name!r} is not installed here; available: {available_backends()}")
     return name
+
+
+def resolve_backend(name: str, device: torch.device) -> str:
+    """The kernel to run: "auto" -> flash on CUDA when installed (exact, no padding work), else SDPA."""
+    if name != "auto":
+        return name
+    return "flash" if device.type == "cuda" and "flash" in available_backends() else "sdpa"
+
+
+@dataclass(frozen=True)
+class AttentionKernel:
+    """Which joint-attention kernel a DiT runs and how: `kernel(q, k, v, num_visual, packing)`."""
+
+    backend: str = "sdpa"
+    chunk: int | None = None  # query rows per SDPA call; None: CPU_CHUNK on CPU, one call on GPU
+
+    def __post_init__(self):
+        check_backend(self.backend)
+        if self.chunk is not None and self.chunk < 0:
+            raise ValueError(f"attention chunk must be a number of query rows (0: no chunking); got {self.chunk}")
+
+    def __call__(self, q, k, v, num_visual: int, packing: TextPacking) -> torch.Tensor:
+        return joint_attention(q, k, v, num_visual, packing, self.backend, self.chunk)
 
 
 def joint_attention(
@@ -80,19 +109,42 @@ def joint_attention(
     num_visual: int,
     packing: TextPacking,
     backend: str = "sdpa",
+    chunk: int | None = None,
 ) -> torch.Tensor:
-    """Non-causal attention over [visual; packed text] tokens: q, k, v (B, H, N + Lp, d) -> (B, H, N + Lp, d)."""
+    """Non-causal attention over [visual; packed text] tokens: q, k, v (B, H, N + Lp, d) -> (B, H, N + Lp, d).
+
+    `chunk`: query rows per SDPA call (None: CPU_CHUNK on CPU, one call elsewhere; 0: one call).
+    """
+    backend = resolve_backend(backend, q.device)
     if backend == "sdpa":
         mask = None
         if packing.needs_mask:
             keep_visual = packing.valid.new_ones(packing.valid.shape[0], num_visual)
             mask = torch.cat([keep_visual, packing.valid], dim=1)[:, None, None, :]  # (B, 1, 1, N + Lp)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if chunk is None:
+            chunk = CPU_CHUNK if q.device.type == "cpu" else 0
+        return chunked_sdpa(q, k, v, mask, chunk)
     if backend == "flash":
         return _flash_varlen(q, k, v, num_visual, packing)
     if backend == "sage":
         return _per_sample(q, k, v, num_visual, packing, _sage)
     raise ValueError(f"unknown attention backend {backend!r}; valid: {', '.join(BACKENDS)}")
+
+
+def chunked_sdpa(q, k, v, mask: torch.Tensor | None, chunk: int) -> torch.Tensor:
+    """SDPA over query blocks of `chunk` rows (0: all at once). On CPU, half inputs are upcast like `linear` does:
+    the fp32 kernels are several times faster there, and fp32 accumulation is what a GPU's flash kernel does."""
+    half_on_cpu = q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16)
+    dtype = q.dtype
+    if half_on_cpu:
+        q, k, v = q.float(), k.float(), v.float()
+    if not chunk or chunk >= q.shape[2]:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    else:
+        out = torch.empty_like(q)
+        for i in range(0, q.shape[2], chunk):
+            out[:, :, i : i + chunk] = F.scaled_dot_product_attention(q[:, :, i : i + chunk], k, v, attn_mask=mask)
+    return out.to(dtype)
 
 
 def _per_sample(q, k, v, num_visual, packing, kernel):

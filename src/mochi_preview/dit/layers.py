@@ -1,6 +1,7 @@
 """AsymmDiT building blocks: norms, SwiGLU, timestep and caption embedders, final layer.
 
-Precision: every norm is computed in fp32 and cast back to its input's dtype; linears run in the weights' dtype.
+Precision: every norm is computed in fp32 and cast back to its input's dtype; linears take their input's dtype and
+multiply as a GPU does in bf16 (exact products, fp32 accumulation, one rounding of the output).
 """
 
 from __future__ import annotations
@@ -11,6 +12,27 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+
+HALF = (torch.bfloat16, torch.float16)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear with a GPU's half-precision semantics on every device.
+
+    A tensor core multiplies bf16 inputs exactly, accumulates in fp32 and rounds the output once. CPUs without bf16
+    instructions run half matmuls ~10x slower than fp32, so there the inputs are upcast (exactly) and multiplied in
+    fp32: the same numbers up to summation order, at the fp32 rate.
+    """
+    if x.device.type == "cpu" and x.dtype in HALF:
+        return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
+    return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+
+class Linear(nn.Linear):
+    """nn.Linear computed by `linear` (same parameters and state-dict keys)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
 
 
 def modulated_rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -53,8 +75,8 @@ class FeedForward(nn.Module):
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.w1 = nn.Linear(dim, 2 * hidden, bias=False)
-        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.w1 = Linear(dim, 2 * hidden, bias=False)
+        self.w2 = Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a, g = self.w1(x).chunk(2, dim=-1)
@@ -76,7 +98,7 @@ class TimestepEmbedder(nn.Module):
     def __init__(self, dim: int, freq_dim: int = 256):
         super().__init__()
         self.freq_dim = freq_dim
-        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.mlp = nn.Sequential(Linear(freq_dim, dim), nn.SiLU(), Linear(dim, dim))
 
     def forward(self, sigma: torch.Tensor) -> torch.Tensor:
         feats = timestep_features(sigma, self.freq_dim)  # (B, 256) fp32
@@ -89,9 +111,9 @@ class AttentionPool(nn.Module):
     def __init__(self, text_dim: int, num_heads: int, out_dim: int):
         super().__init__()
         self.num_heads = num_heads
-        self.to_kv = nn.Linear(text_dim, 2 * text_dim)
-        self.to_q = nn.Linear(text_dim, text_dim)
-        self.to_out = nn.Linear(text_dim, out_dim)
+        self.to_kv = Linear(text_dim, 2 * text_dim)
+        self.to_q = Linear(text_dim, text_dim)
+        self.to_out = Linear(text_dim, out_dim)
 
     def forward(self, feats: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         # Masked mean in fp32, the mask divided first; an all-padding prompt pools to zeros.
@@ -112,8 +134,8 @@ class FinalLayer(nn.Module):
 
     def __init__(self, dim: int, out_features: int):
         super().__init__()
-        self.mod = nn.Linear(dim, 2 * dim)
-        self.linear = nn.Linear(dim, out_features)
+        self.mod = Linear(dim, 2 * dim)
+        self.linear = Linear(dim, out_features)
 
     def forward(self, x: torch.Tensor, c_act: torch.Tensor) -> torch.Tensor:
         shift, scale = self.mod(c_act).float().chunk(2, dim=-1)  # (B, D) each

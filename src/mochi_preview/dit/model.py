@@ -14,11 +14,12 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from .attention import TextPacking, check_backend, joint_attention
+from .attention import AttentionKernel, TextPacking
 from .layers import (
     AttentionPool,
     FeedForward,
     FinalLayer,
+    Linear,
     RMSNorm,
     TimestepEmbedder,
     modulated_rms_norm,
@@ -68,16 +69,16 @@ class AsymmetricAttention(nn.Module):
     def __init__(self, cfg: DiTConfig, update_y: bool):
         super().__init__()
         self.head_dim = cfg.head_dim
-        self.qkv_x = nn.Linear(cfg.dim_x, 3 * cfg.dim_x, bias=False)
-        self.qkv_y = nn.Linear(cfg.dim_y, 3 * cfg.dim_x, bias=False)  # text projected up to the visual width
+        self.qkv_x = Linear(cfg.dim_x, 3 * cfg.dim_x, bias=False)
+        self.qkv_y = Linear(cfg.dim_y, 3 * cfg.dim_x, bias=False)  # text projected up to the visual width
         self.q_norm_x = RMSNorm(cfg.head_dim)
         self.k_norm_x = RMSNorm(cfg.head_dim)
         self.q_norm_y = RMSNorm(cfg.head_dim)
         self.k_norm_y = RMSNorm(cfg.head_dim)
-        self.proj_x = nn.Linear(cfg.dim_x, cfg.dim_x)
-        self.proj_y = nn.Linear(cfg.dim_x, cfg.dim_y) if update_y else None
+        self.proj_x = Linear(cfg.dim_x, cfg.dim_x)
+        self.proj_y = Linear(cfg.dim_x, cfg.dim_y) if update_y else None
 
-    def forward(self, x, y, rope, packing: TextPacking, backend: str, cp: ContextParallel | None = None):
+    def forward(self, x, y, rope, packing: TextPacking, kernel: AttentionKernel, cp: ContextParallel | None = None):
         """x (B, N, Dx), y (B, L, Dy) -> x_attn (B, N, Dx), y_attn (B, L, Dy) or None in the last block.
 
         With context parallelism, x holds this rank's M of the N visual tokens; attention runs on all N tokens for
@@ -98,7 +99,7 @@ class AsymmetricAttention(nn.Module):
         k = torch.cat([k_x, self.k_norm_y(k_y)], dim=2)
         v = torch.cat([v_x, v_y], dim=2)
 
-        out = rearrange(joint_attention(q, k, v, n, packing, backend), "b h s d -> b s (h d)")  # (B, N + Lp, Dx)
+        out = rearrange(kernel(q, k, v, n, packing), "b h s d -> b s (h d)")  # (B, N + Lp, Dx)
         out_x, out_y = out[:, :n], out[:, n:]
         if cp is not None:
             out_x = cp.heads_to_tokens(out_x)  # (B, M, Dx): this rank's tokens, all heads
@@ -118,20 +119,20 @@ class AsymmetricJointBlock(nn.Module):
     def __init__(self, cfg: DiTConfig, update_y: bool):
         super().__init__()
         self.update_y = update_y
-        self.mod_x = nn.Linear(cfg.dim_x, 4 * cfg.dim_x)
-        self.mod_y = nn.Linear(cfg.dim_x, (4 if update_y else 1) * cfg.dim_y)
+        self.mod_x = Linear(cfg.dim_x, 4 * cfg.dim_x)
+        self.mod_y = Linear(cfg.dim_x, (4 if update_y else 1) * cfg.dim_y)
         self.attn = AsymmetricAttention(cfg, update_y)
         self.mlp_x = FeedForward(cfg.dim_x, cfg.mlp_hidden_x)
         self.mlp_y = FeedForward(cfg.dim_y, cfg.mlp_hidden_y) if update_y else None
 
-    def forward(self, x, y, c_act, rope, packing: TextPacking, backend: str = "sdpa", cp=None):
+    def forward(self, x, y, c_act, rope, packing: TextPacking, kernel: AttentionKernel, cp=None):
         """x (B, N, Dx), y (B, L, Dy), c_act = silu(c) (B, Dx) -> updated x, y."""
         scale_msa_x, gate_msa_x, scale_mlp_x, gate_mlp_x = self.mod_x(c_act).chunk(4, dim=-1)  # (B, Dx) each
         mod_y = self.mod_y(c_act)  # (B, 4 Dy), or (B, Dy) in the last block
         scale_msa_y = mod_y if not self.update_y else mod_y.chunk(4, dim=-1)[0]
 
         x_attn, y_attn = self.attn(
-            modulated_rms_norm(x, scale_msa_x), modulated_rms_norm(y, scale_msa_y), rope, packing, backend, cp
+            modulated_rms_norm(x, scale_msa_x), modulated_rms_norm(y, scale_msa_y), rope, packing, kernel, cp
         )
         x = residual_gated_rms_norm(x, x_attn, gate_msa_x)  # (B, N, Dx)
         x = residual_gated_rms_norm(x, self.mlp_x(modulated_rms_norm(x, scale_mlp_x)), gate_mlp_x)
@@ -145,20 +146,43 @@ class AsymmetricJointBlock(nn.Module):
 class AsymmDiT(nn.Module):
     """The Mochi DiT: `dit(latents, sigma, text_features, text_mask)` -> velocity, all in DiT latent space."""
 
-    def __init__(self, cfg: DiTConfig, attention_backend: str = "sdpa"):
+    def __init__(self, cfg: DiTConfig, attention_backend: str = "sdpa", attention_chunk: int | None = None):
         super().__init__()
         self.cfg = cfg
-        self.attention_backend = check_backend(attention_backend)
+        self.attention = AttentionKernel(attention_backend, attention_chunk)
         p = cfg.patch_size
         self.x_embedder = nn.Module()
         self.x_embedder.proj = nn.Conv2d(cfg.in_channels, cfg.dim_x, kernel_size=p, stride=p)
         self.t_embedder = TimestepEmbedder(cfg.dim_x, cfg.timestep_freq_dim)
         self.t5_y_embedder = AttentionPool(cfg.text_dim, cfg.pool_heads, cfg.dim_x)
-        self.t5_yproj = nn.Linear(cfg.text_dim, cfg.dim_y)
+        self.t5_yproj = Linear(cfg.text_dim, cfg.dim_y)
         self.pos_frequencies = nn.Parameter(torch.zeros(3, cfg.num_heads, cfg.head_dim // 2))
         self.blocks = nn.ModuleList(AsymmetricJointBlock(cfg, update_y=i < cfg.depth - 1) for i in range(cfg.depth))
         self.final_layer = FinalLayer(cfg.dim_x, p * p * cfg.in_channels)
         self.context_parallel: ContextParallel | None = None  # set by MochiPipeline.enable_context_parallel
+        self._rope_cache: tuple | None = None  # (grid key, (cos, sin)): see rope_tables
+
+    def set_attention(self, backend: str = "auto", chunk: int | None = None) -> AsymmDiT:
+        """Choose the attention kernel at run time ("auto", "sdpa", "flash", "sage") and SDPA's query chunk."""
+        self.attention = AttentionKernel(backend, chunk)
+        return self
+
+    def compile_blocks(self, **compile_kwargs) -> AsymmDiT:
+        """Opt in to torch.compile for every block and the final layer (fuses the norm, RoPE and gating work around
+        the matmuls); the first call per shape compiles. Weights and state-dict keys are unchanged."""
+        for module in [*self.blocks, self.final_layer]:
+            module.compile(**compile_kwargs)
+        return self
+
+    def rope_tables(self, t: int, rows: int, cols: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE (cos, sin), each (N, H, d/2) fp32, for a latent grid; built once per grid at inference."""
+        if self.pos_frequencies.requires_grad and torch.is_grad_enabled():  # training: part of the autograd graph
+            return rope_cos_sin(self.pos_frequencies, rope_positions(t, rows, cols).to(device))
+        freqs = self.pos_frequencies
+        key = (t, rows, cols, str(device), freqs.data_ptr(), freqs._version, torch.is_inference_mode_enabled())
+        if self._rope_cache is None or self._rope_cache[0] != key:
+            self._rope_cache = (key, rope_cos_sin(freqs, rope_positions(t, rows, cols).to(device)))
+        return self._rope_cache[1]
 
     def fp32_parameter_names(self) -> list[str]:
         """Parameters kept in fp32 whatever the compute dtype: RoPE frequencies and QK-norm weights."""
@@ -188,8 +212,7 @@ class AsymmDiT(nn.Module):
         c = self.t_embedder(sigma) + self.t5_y_embedder(text_features, text_mask)  # (B, Dx)
         c_act = F.silu(c)
         y = self.t5_yproj(text_features.to(dtype))  # (B, L, Dy)
-        positions = rope_positions(t, rows, cols).to(latents.device)  # (N, 3)
-        rope = rope_cos_sin(self.pos_frequencies, positions)  # (N, H, d/2) each, fp32
+        rope = self.rope_tables(t, rows, cols, latents.device)  # (N, H, d/2) each, fp32
         packing = TextPacking.from_mask(text_mask)
         cp = self.context_parallel
         if cp is not None:  # this rank keeps M of the N tokens, and H / G heads in attention
@@ -197,7 +220,7 @@ class AsymmDiT(nn.Module):
             rope = tuple(cp.local_heads(r, dim=1) for r in rope)  # (N, H / G, d/2) each
 
         for block in self.blocks:
-            x, y = block(x, y, c_act, rope, packing, self.attention_backend, cp)  # (B, N, Dx), (B, L, Dy)
+            x, y = block(x, y, c_act, rope, packing, self.attention, cp)  # (B, N, Dx), (B, L, Dy)
 
         x = self.final_layer(x, c_act)  # (B, N, p*p*C)
         if cp is not None:

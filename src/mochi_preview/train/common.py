@@ -182,7 +182,8 @@ class Trainer:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         tensors, meta = self.state()
-        tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+        # clone: tied weights (T5's shared embedding) are one tensor under two names, which safetensors refuses.
+        tensors = {k: v.detach().cpu().clone(memory_format=torch.contiguous_format) for k, v in tensors.items()}
         for name, write in [
             ("state.safetensors", lambda f: save_file(tensors, f, metadata={"step": str(self.step)})),
             ("state.json", lambda f: Path(f).write_text(json.dumps(meta, indent=1))),

@@ -2,18 +2,22 @@
 
 `encode_latent_data` turns (video, caption) batches into a `LatentData` cache (DiT-space latents, text features and
 masks), which can be saved to one safetensors file; `DiTTrainer` draws batches from it with its own generator.
+Given a text encoder, `DiTTrainer` trains it with the DiT (`CaptionedDiT`) from the cached captions instead of using
+the cached features: a frozen random T5 reads "from right to left" almost as the bag of words {left, right}.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch import nn
 
 from ..dit import AsymmDiT
 from .common import TrainConfig, Trainer
@@ -89,14 +93,47 @@ class DiTTrainConfig(TrainConfig):
     sigma_sampler: str = "uniform"  # or "logit_normal"
     # Draw z0 ~ N(mean, exp(logvar)) like the reference; off by default because the demo VAE decodes the mean.
     sample_posterior: bool = False
+    train_text_encoder: bool = True  # with a text encoder given to the trainer: train it, or only run it
+
+
+class CaptionedDiT(nn.Module):
+    """A DiT behind a trainable T5 encoder: (x, sigma, token ids, mask) -> velocity, trained as one model."""
+
+    def __init__(self, dit: AsymmDiT, t5: nn.Module):
+        super().__init__()
+        self.dit, self.t5 = dit, t5
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        features = self.t5(input_ids=ids, attention_mask=mask.long()).last_hidden_state  # (B, L, text_dim)
+        return self.dit(x, sigma, features, mask)  # (B, C, T, H, W)
 
 
 class DiTTrainer(Trainer):
-    """Flow-matching training of an AsymmDiT on a LatentData cache."""
+    """Flow-matching training of an AsymmDiT on a LatentData cache; with `text`, its T5 is trained along."""
 
-    def __init__(self, model: AsymmDiT, data: LatentData, cfg: DiTTrainConfig = DiTTrainConfig()):
+    def __init__(
+        self,
+        model: AsymmDiT,
+        data: LatentData,
+        cfg: DiTTrainConfig = DiTTrainConfig(),
+        text=None,
+        recaption: Callable[[list[int], np.random.Generator], list[str]] | None = None,
+    ):
+        """`text`: a TextEncoder run on the captions at every step (trained along unless cfg.train_text_encoder is
+        off) instead of the cached features; `recaption(indices, rng)`: fresh captions for the drawn clips at every
+        step (with `text` only), so the model sees ever new phrasings of the same content rather than the cache's."""
+        if recaption is not None and text is None:
+            raise ValueError("recaption needs a text encoder to run on the new captions (text=...)")
         if cfg.sample_posterior and data.logvar is None:
             raise ValueError("sample_posterior needs LatentData with logvar (encode_latent_data(keep_logvar=True))")
+        self.ids, self.text, self.recaption = None, text, recaption
+        if text is not None:  # a TextEncoder: tokenize the cached captions once, train its model with the DiT
+            if not data.captions or len(data.captions) != len(data):
+                raise ValueError("training the text encoder needs the captions in the LatentData cache")
+            ids, mask = text.tokenize(data.captions)  # (N, 256) each
+            n = max(1, int(mask.sum(dim=1).max()))
+            self.ids, self.mask = ids[:, :n].contiguous(), mask[:, :n].contiguous()
+            model = CaptionedDiT(model, text.model.requires_grad_(cfg.train_text_encoder))
         super().__init__(model, cfg)
         self.data = data
 
@@ -106,5 +143,14 @@ class DiTTrainer(Trainer):
         z0 = data.mean[idx].float()  # (B, 12, T, H, W)
         if cfg.sample_posterior:
             z0 = z0 + (0.5 * data.logvar[idx].float()).exp() * torch.randn(z0.shape, generator=g)
-        features, mask = drop_captions(data.features[idx].float(), data.mask[idx], cfg.caption_dropout, g)
-        return flow_matching_loss(self.model, z0, features, mask, g, cfg.sigma_sampler), {}
+        if self.ids is None:
+            text, mask = drop_captions(data.features[idx].float(), data.mask[idx], cfg.caption_dropout, g)
+        else:  # dropped captions: no tokens at all, as the empty prompt is encoded at sampling time
+            ids, mask = self.ids[idx], self.mask[idx]
+            if self.recaption is not None:
+                ids, mask = self.text.tokenize(self.recaption(idx.tolist(), self.rng))  # (B, 256) each
+                n = max(1, int(mask.sum(dim=1).max()))
+                ids, mask = ids[:, :n], mask[:, :n]
+            ids, mask = drop_captions(ids, mask, cfg.caption_dropout, g)
+            text = ids.long()
+        return flow_matching_loss(self.model, z0, text, mask, g, cfg.sigma_sampler), {}

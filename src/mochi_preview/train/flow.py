@@ -27,9 +27,10 @@ def sample_sigmas(
 def drop_captions(
     features: torch.Tensor, mask: torch.Tensor, p: float, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """With probability p per sample, zero the text features and mask: the "no text" prompt CFG contrasts with."""
+    """With probability p per sample, zero the text (features (B, L, D) or token ids (B, L)) and its mask: the
+    "no text" prompt CFG contrasts with."""
     drop = torch.rand(features.shape[0], generator=generator) < p  # (B,)
-    return features.masked_fill(drop[:, None, None], 0.0), mask & ~drop[:, None]
+    return features.masked_fill(drop.view(-1, *[1] * (features.ndim - 1)), 0), mask & ~drop[:, None]
 
 
 def noisy_latents(z0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:

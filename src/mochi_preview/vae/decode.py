@@ -12,19 +12,20 @@
 * auto: the least tiling whose estimated peak memory fits a budget (by default 80% of the free memory of the device),
   preferring exact streaming over spatial tiles, and the largest chunk that fits.
 
-Memory estimate (`estimate_decode_bytes`), per tile and chunk, in bytes of the compute dtype, with X the size of
-the activation (B, C, T, H, W) at a level:
-* a ResBlock peaks at RESBLOCK_FACTOR * X (the input kept for the residual, the normalized input, its padded copy,
-  the convolution output, the convolution's reordered copies, and the allocator's slack) plus twice the 3x3x3
-  weight (reordered on each call); an attention block at ATTENTION_FACTOR * X;
-* an upsampling block at X + 2 * Y, with Y its output (the projection, then the depth-to-space copy);
-* streaming adds the caches (two padded frames per convolution, keys and values of all frames per attention);
+Every level of the network runs FRAMES_PER_STEP of its frames at a time at inference, writing each result over its
+input (Decoder.forward_chunk): the same numbers, with one copy of each level's activation alive plus one step's
+intermediates. Memory estimate (`estimate_decode_bytes`), per tile and chunk, in bytes of the compute dtype, with L the
+whole activation (B, C, T, H, W) at a level and X one step of it, padded (B, C, step + 2, H + 2, W + 2):
+* a ResBlock peaks at L + RESBLOCK_FACTOR * X (the step's input kept for the residual, its normalized and padded
+  copies, the convolution output and reordered copies, the allocator's slack) plus twice the 3x3x3 weight
+  (reordered on each call); an attention block at L + ATTENTION_FACTOR * X plus its keys and values;
+* an upsampling block at L + Y + two steps of Y, with Y its output (projection and depth-to-space copy per step);
+* streaming adds the convolution caches (two padded frames per convolution);
 * on top come the float32 output video, two float32 copies of a decoded tile chunk (the cross-fade) and a fixed
   FIXED_OVERHEAD for scratch buffers.
-X counts the padded size (T + 2, H + 2, W + 2). The factors come from peak RSS measured on CPU (oneDNN
-convolutions, fp32, glibc malloc; about 5.7 X of live tensors plus the allocator's retained memory), rounded up so
-the estimate errs high; see bench/RESULTS.md. On CUDA the caching allocator and cuDNN workspaces differ; the 80%
-default budget leaves room for that.
+The factors come from peak RSS measured on CPU (oneDNN convolutions, fp32, glibc malloc), rounded up so the estimate
+errs high; see bench/RESULTS.md. On CUDA the caching allocator and cuDNN workspaces differ; the 80% default budget
+leaves room for that.
 """
 
 from __future__ import annotations
@@ -38,12 +39,13 @@ import torch
 if TYPE_CHECKING:  # model.py imports this module; annotations only here
     from .model import Decoder, DecoderConfig
 
+FRAMES_PER_STEP = 4  # frames per step of each decoder level at inference (see ResBlock.forward)
 RESBLOCK_FACTOR = 8.0
 ATTENTION_FACTOR = 12.0
 DEFAULT_BUDGET_FRACTION = 0.8
 MODES = ("auto", "full", "streaming", "tiled")
 TILE_SIZE = 32  # latent pixels per tile in mode "tiled" when no tile counts are given
-FIXED_OVERHEAD = 64 * 2**20  # scratch buffers and allocator slack measured on top of the activations (CPU)
+FIXED_OVERHEAD = 160 * 2**20  # scratch buffers and allocator slack measured on top of the activations (CPU)
 
 
 @dataclass(frozen=True)
@@ -206,20 +208,23 @@ def estimate_decode_bytes(
     total_t = total_frames or frames
     peak, caches = 0.0, 0.0
     for c, n, attn, up in levels:
-        x = batch * c * (t + 2) * (h + 2) * (w + 2) * e  # padded activation at this level
+        level = batch * c * t * h * w * e  # this level's whole activation, updated in place step by step
+        step = min(FRAMES_PER_STEP, t)
+        x = batch * c * (step + 2) * (h + 2) * (w + 2) * e  # one step of it, padded
         if n:
             weights = 2 * c * c * 27 * e  # the convolution's weight, reordered for the kernel on each call
-            peak = max(peak, (ATTENTION_FACTOR if attn else RESBLOCK_FACTOR) * x + weights)
+            peak = max(peak, level + (ATTENTION_FACTOR if attn else RESBLOCK_FACTOR) * x + weights)
         if streaming:
             caches += n * 2 * batch * c * 2 * (h + 2) * (w + 2) * e  # two convs, two padded frames each
-            if attn:
-                caches += n * 2 * batch * c * total_t * h * w * e  # keys and values of every frame
+        if attn:  # keys and values of every frame so far, whether streaming or stepping
+            caches += n * 2 * batch * c * total_t * h * w * e
         if up is not None:
             st, s, c_next = up
             t = t * st if streaming else (t - 1) * st + 1
             total_t = (total_t - 1) * st + 1
             h, w = h * s, w * s
-            peak = max(peak, x + 2 * batch * c_next * t * h * w * e)
+            out_step = batch * c_next * step * st * h * w * e  # one step's projection and its depth-to-space copy
+            peak = max(peak, level + batch * c_next * t * h * w * e + 2 * out_step)
     tile_out = 2 * batch * cfg.out_channels * t * h * w * 4
     return int(peak + caches + tile_out + FIXED_OVERHEAD)
 

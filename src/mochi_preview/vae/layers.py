@@ -133,7 +133,18 @@ class ResBlock(nn.Module):
         )
         self.attn_block = AttentionBlock(dim, head_dim) if attention else None
 
-    def forward(self, x: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:  # (B, C, T, H, W)
+    def forward(self, x: torch.Tensor, cache: Cache | None = None, step: int | None = None) -> torch.Tensor:
+        """x (B, C, T, H, W) -> same shape. With `step` (inference only), `step` frames at a time, each result written
+        over its own input frames: the causal caches carry the context, so the numbers are those of the whole-video
+        pass, with memory for x plus one step's intermediates instead of ~4 copies of x. x is overwritten."""
+        if step is None or torch.is_grad_enabled() or x.shape[2] <= step:
+            return self._residual(x, cache)
+        cache = {} if cache is None else cache
+        for t0 in range(0, x.shape[2], step):
+            x[:, :, t0 : t0 + step] = self._residual(x[:, :, t0 : t0 + step], cache)
+        return x
+
+    def _residual(self, x: torch.Tensor, cache: Cache | None) -> torch.Tensor:  # (B, C, T, H, W)
         norm1, act1, conv1, norm2, act2, conv2 = self.stack
         h = conv1(act1(norm1(x)), cache)
         h = conv2(act2(norm2(h)), cache)

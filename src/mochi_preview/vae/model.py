@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .decode import decode
+from .decode import FRAMES_PER_STEP, decode
 from .layers import Cache, CausalConv3d, Conv1x1, DepthToSpaceTime, GroupNormSpatial, ResBlock
 
 
@@ -99,11 +99,27 @@ class UpsampleBlock(nn.Module):
         self.proj = Conv1x1(c_in, c_out * temporal * spatial**2)
         self.d2st = DepthToSpaceTime(temporal, spatial)
 
-    def forward(self, x: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:  # (B, C_in, T, H, W)
+    def forward(self, x: torch.Tensor, cache: Cache | None = None, step: int | None = None) -> torch.Tensor:
+        """(B, C_in, T, H, W) -> (B, C_out, T * st (- st + 1 on the first chunk), H * s, W * s); `step`: see
+        ResBlock (the projection and depth-to-space then also go `step` frames at a time, into one output)."""
+        if step is not None and not torch.is_grad_enabled():
+            cache = {} if cache is None else cache
+        else:
+            step = None
         for block in self.blocks:
-            x = block(x, cache)
-        x = self.proj(x)  # (B, C_out * st * s * s, T, H, W)
-        return self.d2st(x, cache)  # (B, C_out, T * st (- st + 1 on the first chunk), H * s, W * s)
+            x = block(x, cache, step)
+        if step is None or x.shape[2] <= step:
+            return self.d2st(self.proj(x), cache)
+        pieces = (self.d2st(self.proj(x[:, :, t0 : t0 + step]), cache) for t0 in range(0, x.shape[2], step))
+        first = next(pieces)
+        b, c, t_first, h, w = first.shape
+        out = first.new_empty(b, c, t_first + (x.shape[2] - step) * self.d2st.temporal, h, w)
+        out[:, :, :t_first] = first
+        f0 = t_first
+        for piece in pieces:
+            out[:, :, f0 : f0 + piece.shape[2]] = piece
+            f0 += piece.shape[2]
+        return out
 
 
 class Decoder(nn.Module):
@@ -152,17 +168,29 @@ class Decoder(nn.Module):
             memory_budget=memory_budget,
         )
 
-    def forward_chunk(self, z: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
-        """The network on a (time chunk of a spatial tile of a) latent; `cache` carries state between chunks."""
+    def compile_blocks(self, **compile_kwargs) -> Decoder:
+        """Opt in to torch.compile for every ResBlock's residual branch (fusing its group norms and activations with
+        the data movement around the convolutions). Weights and state-dict keys are unchanged."""
+        for module in self.modules():
+            if isinstance(module, ResBlock):
+                module._residual = torch.compile(module._residual, **compile_kwargs)
+        return self
+
+    def forward_chunk(self, z: torch.Tensor, cache: Cache | None = None, step: int | None = FRAMES_PER_STEP):
+        """The network on a (time chunk of a spatial tile of a) latent; `cache` carries state between chunks.
+
+        At inference every level runs `step` of its frames at a time (see ResBlock): the same numbers, with about
+        one copy of each level's activation alive instead of several. None runs each level on all frames at once.
+        """
         z = z.to(self.output_proj.weight.dtype)  # latents often arrive in fp32 while the decoder runs in bf16
         first, *ups, last = self.blocks
         x = first[0](z)  # (B, C_top, T, H, W)
         for block in first[1:]:
-            x = block(x, cache)
+            x = block(x, cache, step)
         for up in ups:
-            x = up(x, cache)  # (B, C_next, ~T * st, H * s, W * s)
+            x = up(x, cache, step)  # (B, C_next, ~T * st, H * s, W * s)
         for block in last:
-            x = block(x, cache)
+            x = block(x, cache, step)
         x = F.silu(x, inplace=True)  # no norm before the last activation in the native decoder
         return self.output_proj(x)  # (B, 3, T_out, H_out, W_out)
 

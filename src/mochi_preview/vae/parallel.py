@@ -134,7 +134,9 @@ def decode_time_split(
         for (h0, h1), ramp_h in zip(rows, blend_ramps(rows, s, overlap, device)):
             for (w0, w1), ramp_w in zip(cols, blend_ramps(cols, s, overlap, device)):
                 cache = BoundaryCache(ranks[rank - 1] if rank else None, None if last else ranks[rank + 1], device)
-                x = decoder.forward_chunk(z[:, :, t0:t1, h0:h1, w0:w1].to(device), cache)  # (B, 3, counts[rank], ..)
+                # step=None: BoundaryCache forwards every state a module sets to the next rank, one per module
+                # and slice, so the levels run on the whole slice at once (not a few frames at a time).
+                x = decoder.forward_chunk(z[:, :, t0:t1, h0:h1, w0:w1].to(device), cache, step=None)
                 weight = ramp_h[:, None] * ramp_w[None, :]  # (h_tile * s, w_tile * s): ones for a single tile
                 mine[:, :, : x.shape[2], h0 * s : h1 * s, w0 * s : w1 * s].addcmul_(x, weight)
                 cache.finish()
