@@ -23,11 +23,12 @@ def rope_positions(frames: int, rows: int, cols: int, target_area: float = 36864
     Cached per grid and built on the CPU: callers move it to their device.
     """
     scale = math.sqrt(target_area / (rows * cols))
-    t = torch.arange(frames, dtype=torch.float32)
-    h = _bin_centers(rows, scale)
-    w = _bin_centers(cols, scale)
-    grid = torch.stack(torch.meshgrid(t, h, w, indexing="ij"), dim=-1)  # (T, pH, pW, 3)
-    return grid.reshape(-1, 3)
+    with torch.inference_mode(False):  # cached: a tensor made in inference mode could never serve training
+        t = torch.arange(frames, dtype=torch.float32)
+        h = _bin_centers(rows, scale)
+        w = _bin_centers(cols, scale)
+        grid = torch.stack(torch.meshgrid(t, h, w, indexing="ij"), dim=-1)  # (T, pH, pW, 3)
+        return grid.reshape(-1, 3)
 
 
 def rope_cos_sin(freqs: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
