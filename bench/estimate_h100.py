@@ -20,6 +20,7 @@ from unittest import mock
 
 import torch
 
+from mochi_preview.dit import DiTConfig
 from mochi_preview.vae import DecoderConfig, estimate_decode_bytes, plan_decode
 from mochi_preview.vae import decode as vae_decode
 from mochi_preview.vae.decode import default_tiles, output_bytes, tile_spans
@@ -43,28 +44,7 @@ T5_ACTIVATIONS = 0.1 * GB  # 2 prompts x 256 tokens through T5-XXL: tens of MB (
 # Shapes and parameter counts
 
 
-@dataclass(frozen=True)
-class DiTShape:
-    """The published AsymmDiT sizes (spec §1.1, §1.5); field names match mochi_preview.dit.DiTConfig."""
-
-    depth: int = 48
-    num_heads: int = 24
-    head_dim: int = 128
-    dim_y: int = 1536
-    mlp_hidden_x: int = 8192
-    mlp_hidden_y: int = 4096
-    text_dim: int = 4096
-    pool_heads: int = 8
-    in_channels: int = 12
-    patch_size: int = 2
-    timestep_freq_dim: int = 256
-
-    @property
-    def dim_x(self) -> int:
-        return self.num_heads * self.head_dim
-
-
-DIT = DiTShape()
+DIT = DiTConfig.mochi_1_preview()  # the published sizes (spec §1.1, §1.5)
 DECODER = DecoderConfig()
 
 
@@ -288,7 +268,7 @@ GRID = default_tiles((HEIGHT // 8, WIDTH // 8), OVERLAP)
 VAE_PLANS = {"full": ((1, 1), None), "tiled": (GRID, None), "tiled+streamed": (GRID, 1)}  # (tiles, frames per chunk)
 
 
-def weights_at_decode(mode: str, s: DiTShape = DIT, cfg: DecoderConfig = DECODER) -> float:
+def weights_at_decode(mode: str, s: DiTConfig = DIT, cfg: DecoderConfig = DECODER) -> float:
     """Weight bytes on the device while the VAE decodes: everything when resident, else the decoder only."""
     offload, dtype, t5_dtype, _ = MODES[mode]
     vae = 2 * decoder_parameters(cfg)
@@ -327,7 +307,7 @@ def vae_seconds(cfg: DecoderConfig, frames: int, plan: str, case: Case) -> float
 
 
 def video_seconds(
-    frames: int, mode: str, vae: str, case: Case, s: DiTShape = DIT, cfg: DecoderConfig = DECODER
+    frames: int, mode: str, vae: str, case: Case, s: DiTConfig = DIT, cfg: DecoderConfig = DECODER
 ) -> dict:
     """Seconds per stage of one video (64 steps, CFG: a cond and an uncond forward per step)."""
     offload, dtype, t5_dtype, _ = MODES[mode]
@@ -352,7 +332,7 @@ def video_seconds(
     return stages
 
 
-def peak_bytes(frames: int, mode: str, vae: str, case: Case, s: DiTShape = DIT, cfg: DecoderConfig = DECODER) -> float:
+def peak_bytes(frames: int, mode: str, vae: str, case: Case, s: DiTConfig = DIT, cfg: DecoderConfig = DECODER) -> float:
     """Peak device bytes: weights on the device + the largest stage's activations + fixed overhead."""
     offload, dtype, t5_dtype, batched = MODES[mode]
     n, t = visual_tokens(frames, s), latent_frames(frames)

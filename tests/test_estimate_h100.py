@@ -43,9 +43,9 @@ def test_forward_flops_match_flop_counter(text_valid):
 def test_parameter_counts_match_models():
     with torch.device("meta"):
         published, small, decoder = AsymmDiT(DiTConfig()), AsymmDiT(SMALL), Decoder(DecoderConfig())
-    assert est.dit_parameters(est.DiTShape())["total"] == count(published) == 10_027_677_744  # spec §0
+    assert est.dit_parameters(est.DIT)["total"] == count(published) == 10_027_677_744  # spec §0
     assert est.dit_parameters(SMALL)["total"] == count(small)
-    assert est.dit_parameters(est.DiTShape())["block_max"] == max(count(b) for b in published.blocks)
+    assert est.dit_parameters(est.DIT)["block_max"] == max(count(b) for b in published.blocks)
     assert est.decoder_parameters(DecoderConfig()) == count(decoder) == 362_526_595  # spec §3.2
 
 
@@ -62,7 +62,7 @@ def test_t5_parameter_count_matches_transformers():
 
 
 def test_attention_share_agrees_with_the_quoted_71_percent():
-    f = est.dit_forward_flops(est.DiTShape(), est.visual_tokens(163), est.TEXT_LEN)
+    f = est.dit_forward_flops(est.DIT, est.visual_tokens(163), est.TEXT_LEN)
     assert est.visual_tokens(163) == 44_520  # spec §3.4
     assert f["attention"] / (est.linear_flops(f) + f["attention"]) == pytest.approx(0.71, abs=0.005)
 
