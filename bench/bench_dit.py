@@ -7,7 +7,7 @@ dtype, and the achieved FLOP rate over the matmul rate measured in the same run 
 On a CPU without bf16 instructions our bf16 model multiplies bf16-stored tensors in fp32 (exact upcast, one rounding
 of each output: what a GPU's tensor cores do), so its rate is compared with both the bf16 and the fp32 matmul rate.
 
-    python bench/bench_dit.py [--long] [--long_bf16] [--compile] [--repeats 5] [--threads 2]
+    python bench/bench_dit.py [--long] [--long_bf16] [--compile] [--dtypes float32 bfloat16] [--repeats 5] [--threads 2]
 """
 
 from __future__ import annotations
@@ -125,10 +125,11 @@ def main() -> None:
     parser.add_argument("--long", action="store_true", help="also one block at 16,000 visual tokens (fp32)")
     parser.add_argument("--long_bf16", action="store_true", help="the long case in bf16 too (diffusers: ~10 min)")
     parser.add_argument("--compile", action="store_true", help="also our model with compile_blocks()")
+    parser.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16"], default=["float32", "bfloat16"])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d %H:%M')}")
-    both = (torch.float32, torch.bfloat16)
+    both = tuple(getattr(torch, name) for name in args.dtypes)
     for line in compare(2, 5, 26, 46, 64, args.repeats, both, args.compile):  # 1,495 visual tokens
         print(line, flush=True)
     if args.long:

@@ -29,6 +29,7 @@ class TextPacking:
     index: torch.Tensor  # (B, Lp) positions in [0, L): valid positions first, in order
     valid: torch.Tensor  # (B, Lp) bool: which packed slots hold a valid token
     text_len: int  # L, the padded text length
+    needs_mask: bool  # some packed slot is padding (counts differ): attention needs a key mask
 
     @classmethod
     def from_mask(cls, mask: torch.Tensor) -> TextPacking:
@@ -38,15 +39,12 @@ class TextPacking:
         # A stable sort of ~mask puts the valid positions first, keeping their order.
         index = torch.sort((~mask).to(torch.uint8), dim=1, stable=True).indices[:, :packed_len]
         valid = torch.gather(mask, 1, index)
-        return cls(index=index, valid=valid, text_len=mask.shape[1])
+        # Decided here, once per forward and outside any compiled block (a data-dependent branch breaks graphs).
+        return cls(index=index, valid=valid, text_len=mask.shape[1], needs_mask=not bool(valid.all()))
 
     @property
     def packed_len(self) -> int:
         return self.index.shape[1]
-
-    @property
-    def needs_mask(self) -> bool:
-        return not bool(self.valid.all())
 
     def gather(self, y: torch.Tensor) -> torch.Tensor:
         """(B, L, D) -> (B, Lp, D): the packed text tokens."""
