@@ -12,10 +12,11 @@
 * auto: the least tiling whose estimated peak memory fits a budget (by default 80% of the free memory of the device),
   preferring exact streaming over spatial tiles, and the largest chunk that fits.
 
-Every level of the network runs FRAMES_PER_STEP of its frames at a time at inference, writing each result over its
-input (Decoder.forward_chunk): the same numbers, with one copy of each level's activation alive plus one step's
-intermediates. Memory estimate (`estimate_decode_bytes`), per tile and chunk, in bytes of the compute dtype, with L the
-whole activation (B, C, T, H, W) at a level and X one step of it, padded (B, C, step + 2, H + 2, W + 2):
+Every level of the network runs a few of its frames at a time at inference (`frames_per_step`: about STEP_ELEMENTS
+values per step), writing each result over its input (Decoder.forward_chunk): the same numbers, with one copy of
+each level's activation alive plus one step's intermediates. Memory estimate (`estimate_decode_bytes`), per tile and
+chunk, in bytes of the compute dtype, with L the whole activation (B, C, T, H, W) at a level and X one step of it,
+padded (B, C, step + 2, H + 2, W + 2):
 * a ResBlock peaks at L + RESBLOCK_FACTOR * X (the step's input kept for the residual, its normalized and padded
   copies, the convolution output and reordered copies, the allocator's slack) plus twice the 3x3x3 weight
   (reordered on each call); an attention block at L + ATTENTION_FACTOR * X plus its keys and values;
@@ -39,7 +40,7 @@ import torch
 if TYPE_CHECKING:  # model.py imports this module; annotations only here
     from .model import Decoder, DecoderConfig
 
-FRAMES_PER_STEP = 4  # frames per step of each decoder level at inference (see ResBlock.forward)
+STEP_ELEMENTS = 2**22  # values per step of a decoder level at inference (see frames_per_step)
 RESBLOCK_FACTOR = 8.0
 ATTENTION_FACTOR = 12.0
 DEFAULT_BUDGET_FRACTION = 0.8
@@ -182,6 +183,12 @@ def blend_ramps(spans: list[tuple[int, int]], scale: int, overlap: int, device) 
 # Memory estimate and automatic plan
 
 
+def frames_per_step(frame_values: int) -> int:
+    """Frames per step of a level whose frame holds `frame_values` values (B * C * H * W): one frame at the large
+    levels (least memory), several at the small ones, where per-call overhead would otherwise dominate."""
+    return max(1, STEP_ELEMENTS // frame_values)
+
+
 def estimate_decode_bytes(
     cfg: DecoderConfig,
     batch: int,
@@ -209,7 +216,7 @@ def estimate_decode_bytes(
     peak, caches = 0.0, 0.0
     for c, n, attn, up in levels:
         level = batch * c * t * h * w * e  # this level's whole activation, updated in place step by step
-        step = min(FRAMES_PER_STEP, t)
+        step = min(frames_per_step(batch * c * h * w), t)
         x = batch * c * (step + 2) * (h + 2) * (w + 2) * e  # one step of it, padded
         if n:
             weights = 2 * c * c * 27 * e  # the convolution's weight, reordered for the kernel on each call

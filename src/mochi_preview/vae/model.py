@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .decode import FRAMES_PER_STEP, decode
+from .decode import decode, frames_per_step
 from .layers import Cache, CausalConv3d, Conv1x1, DepthToSpaceTime, GroupNormSpatial, ResBlock
 
 
@@ -176,21 +176,23 @@ class Decoder(nn.Module):
                 module._residual = torch.compile(module._residual, **compile_kwargs)
         return self
 
-    def forward_chunk(self, z: torch.Tensor, cache: Cache | None = None, step: int | None = FRAMES_PER_STEP):
+    def forward_chunk(self, z: torch.Tensor, cache: Cache | None = None, step: int | str | None = "auto"):
         """The network on a (time chunk of a spatial tile of a) latent; `cache` carries state between chunks.
 
         At inference every level runs `step` of its frames at a time (see ResBlock): the same numbers, with about
-        one copy of each level's activation alive instead of several. None runs each level on all frames at once.
+        one copy of each level's activation alive instead of several. "auto" sizes the step per level
+        (`frames_per_step`); None runs each level on all frames at once.
         """
         z = z.to(self.output_proj.weight.dtype)  # latents often arrive in fp32 while the decoder runs in bf16
+        level_step = lambda x: frames_per_step(x[:, :, 0].numel()) if step == "auto" else step  # noqa: E731
         first, *ups, last = self.blocks
         x = first[0](z)  # (B, C_top, T, H, W)
         for block in first[1:]:
-            x = block(x, cache, step)
+            x = block(x, cache, level_step(x))
         for up in ups:
-            x = up(x, cache, step)  # (B, C_next, ~T * st, H * s, W * s)
+            x = up(x, cache, level_step(x))  # (B, C_next, ~T * st, H * s, W * s)
         for block in last:
-            x = block(x, cache, step)
+            x = block(x, cache, level_step(x))
         x = F.silu(x, inplace=True)  # no norm before the last activation in the native decoder
         return self.output_proj(x)  # (B, 3, T_out, H_out, W_out)
 
