@@ -2,8 +2,8 @@
 
 `encode_latent_data` turns (video, caption) batches into a `LatentData` cache (DiT-space latents, text features and
 masks), which can be saved to one safetensors file; `DiTTrainer` draws batches from it with its own generator.
-Given a text encoder, `DiTTrainer` trains it with the DiT (`CaptionedDiT`) from the cached captions instead of using
-the cached features: a frozen random T5 reads "from right to left" almost as the bag of words {left, right}.
+Given a text encoder, `DiTTrainer` runs it (`CaptionedDiT`: trained along, or frozen) on the captions at every step
+instead of using the cached features, optionally on fresh captions for the drawn clips (`recaption`).
 """
 
 from __future__ import annotations
@@ -126,13 +126,12 @@ class DiTTrainer(Trainer):
             raise ValueError("recaption needs a text encoder to run on the new captions (text=...)")
         if cfg.sample_posterior and data.logvar is None:
             raise ValueError("sample_posterior needs LatentData with logvar (encode_latent_data(keep_logvar=True))")
-        self.ids, self.text, self.recaption = None, text, recaption
-        if text is not None:  # a TextEncoder: tokenize the cached captions once, train its model with the DiT
-            if not data.captions or len(data.captions) != len(data):
-                raise ValueError("training the text encoder needs the captions in the LatentData cache")
-            ids, mask = text.tokenize(data.captions)  # (N, 256) each
-            n = max(1, int(mask.sum(dim=1).max()))
-            self.ids, self.mask = ids[:, :n].contiguous(), mask[:, :n].contiguous()
+        self.text, self.recaption = text, recaption
+        if text is not None:
+            if recaption is None:  # the cache's captions, tokenized once
+                if not data.captions or len(data.captions) != len(data):
+                    raise ValueError("running the text encoder needs the captions in the LatentData cache")
+                self.ids, self.mask = self._tokens(data.captions)  # (N, L) each
             model = CaptionedDiT(model, text.model.requires_grad_(cfg.train_text_encoder))
         super().__init__(model, cfg)
         self.data = data
@@ -143,14 +142,18 @@ class DiTTrainer(Trainer):
         z0 = data.mean[idx].float()  # (B, 12, T, H, W)
         if cfg.sample_posterior:
             z0 = z0 + (0.5 * data.logvar[idx].float()).exp() * torch.randn(z0.shape, generator=g)
-        if self.ids is None:
+        if self.text is None:
             text, mask = drop_captions(data.features[idx].float(), data.mask[idx], cfg.caption_dropout, g)
         else:  # dropped captions: no tokens at all, as the empty prompt is encoded at sampling time
-            ids, mask = self.ids[idx], self.mask[idx]
             if self.recaption is not None:
-                ids, mask = self.text.tokenize(self.recaption(idx.tolist(), self.rng))  # (B, 256) each
-                n = max(1, int(mask.sum(dim=1).max()))
-                ids, mask = ids[:, :n], mask[:, :n]
-            ids, mask = drop_captions(ids, mask, cfg.caption_dropout, g)
-            text = ids.long()
+                ids, mask = self._tokens(self.recaption(idx.tolist(), self.rng))
+            else:
+                ids, mask = self.ids[idx], self.mask[idx]
+            text, mask = drop_captions(ids, mask, cfg.caption_dropout, g)
         return flow_matching_loss(self.model, z0, text, mask, g, cfg.sigma_sampler), {}
+
+    def _tokens(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids and mask, (N, L) each, cut to the longest caption (T5 pads on the right)."""
+        ids, mask = self.text.tokenize(captions)  # (N, 256) each
+        n = max(1, int(mask.sum(dim=1).max()))
+        return ids[:, :n].contiguous(), mask[:, :n].contiguous()
