@@ -255,15 +255,13 @@ def main(argv: list[str] | None = None) -> None:
         train_text_encoder=trained,
     )
     fresh = args.captions == "fresh"
-    if trained or fresh:  # T5 runs at every step on token ids (trained or not) instead of the cached features
-        recaption = recaptioner(spec, data, seed=CACHE_SEED) if fresh else None
-        text = TextEncoder.from_folder(t5_init)
-        trainer = DiTTrainer(dit_model(spec), data, dit_cfg, text=text, recaption=recaption)
-    else:
-        trainer = DiTTrainer(dit_model(spec), data, dit_cfg)
+    runs_t5 = trained or fresh  # T5 runs at every step on token ids instead of giving the cached features
+    recaption = recaptioner(spec, data, seed=CACHE_SEED) if fresh else None
+    trainer = DiTTrainer(dit_model(spec), data, dit_cfg, text=text if runs_t5 else None, recaption=recaption)
     trainer.fit(checkpoint=work / "dit")
     ema = trainer.ema_model()
-    dit, t5 = (ema.dit, ema.t5 if trained else None) if (trained or fresh) else (ema, None)
+    dit = ema.dit if runs_t5 else ema
+    t5 = ema.t5 if trained else None
 
     log("5/5 export and evaluation")
     dtype = getattr(torch, args.dtype)
