@@ -118,6 +118,11 @@ class SafetensorsFiles:
         path, name = self._where[key]
         return self._files[path].shape(name)
 
+    def stored_dtype(self, key: str) -> str:
+        """The safetensors dtype name in the file header ("F16", "F8_E4M3", ...), without reading the data."""
+        path, name = self._where[key]
+        return self._files[path].entries[name]["dtype"]
+
     def meta(self, key: str) -> torch.Tensor:
         """A meta tensor with the stored shape: for shape arithmetic without reading data."""
         return torch.empty(self.shape(key), device="meta")

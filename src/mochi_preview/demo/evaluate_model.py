@@ -32,7 +32,7 @@ def heldout_prompts(seed: int = 0) -> list[tuple[str, Attributes]]:
 
 
 def model_defaults(model_dir: Path) -> dict:
-    """Size, frames, steps and guidance from the folder's mochi_defaults.json (the demo model's 32x32 clips)."""
+    """Size, frames, steps and guidance from the folder's mochi_defaults.json (a demo model's own clip size)."""
     d = json.loads((Path(model_dir) / "mochi_defaults.json").read_text())
     return dict(
         width=d["width"],

@@ -134,12 +134,6 @@ def open_dit_checkpoint(path: str | Path) -> tuple[SafetensorsFiles, dict[str, R
     )
 
 
-def _stored_dtype(files: SafetensorsFiles, key: str) -> str:
-    """The safetensors dtype name of one tensor, from the header (SafetensorsFiles has no public accessor yet)."""
-    path, name = files._where[key]
-    return files._files[path].entries[name]["dtype"]
-
-
 class Fp8Checkpoint:
     """A checkpoint whose fp8 tensors read dequantized: the SafetensorsFiles interface, scale tensors hidden.
 
@@ -157,7 +151,7 @@ class Fp8Checkpoint:
         self.scale_keys = {weight_of(k): k for k in with_suffix(SCALE_SUFFIXES)}  # weight key -> its scale's key
         ignored = with_suffix(IGNORED_SUFFIXES)
         self.hidden = set(self.scale_keys.values()) | ignored | (keys & {SCALED_MARKER})
-        stored = {k: _stored_dtype(files, k) for k in keys - self.hidden}
+        stored = {k: files.stored_dtype(k) for k in keys - self.hidden}
         odd = sorted({d for d in stored.values() if d.startswith(("F8", "F6", "F4")) and d not in FP8_STORAGE})
         if odd:
             raise CheckpointError(

@@ -60,7 +60,8 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (not on biases, norm scales, RoPE frequencies)."""
+    """AdamW with weight decay on tensors of 2+ dims (matrices, conv kernels, the DiT's (3, heads, pairs) RoPE
+    frequencies), not on biases and norm scales."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},

@@ -1,0 +1,58 @@
+"""The demo build (`python -m mochi_preview.demo.build`): every stage at toy sizes, and the VAE's two-stage training."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import torch
+from safetensors.torch import load_file
+
+from mochi_preview import MochiPipeline
+from mochi_preview.demo.build import DemoSpec, main, train_vae
+from mochi_preview.train import VAETrainConfig
+
+TOY = ["--size", "16", "--frames", "13", "--vae_pretrain_size", "8", "--vae_pretrain_frames", "7"]
+
+
+def test_build_writes_a_model_the_pipeline_loads_and_resumes_to_the_same_files(tmp_path):
+    out = tmp_path / "demo"
+    args = ["--out", str(out), *TOY, "--vae_steps", "2", "--vae_finetune_steps", "2", "--dit_steps", "2"]
+    args += ["--latent_clips", "16", "--skip_eval"]
+    main(args)
+    work = tmp_path / "demo.work"
+    step = lambda stage: json.loads((work / stage / "state.json").read_text())["step"]
+    steps = {stage: step(stage) for stage in ["vae", "vae_full", "dit"]}
+    assert steps == {"vae": 2, "vae_full": 2, "dit": 2}
+    defaults = json.loads((out / "mochi_defaults.json").read_text())
+    assert (defaults["width"], defaults["height"], defaults["num_frames"]) == (16, 16, 13)
+    first = {name: (out / name).read_bytes() for name in ["dit.safetensors", "decoder.safetensors"]}
+
+    main(args)  # every stage is finished: the rerun only reloads checkpoints and exports the same weights
+    assert {name: (out / name).read_bytes() for name in first} == first
+
+    pipe = MochiPipeline.from_pretrained(out, torch_dtype=torch.float32, device="cpu")
+    g = torch.Generator().manual_seed(0)
+    frames = pipe("a red ball moving to the right", width=16, height=16, num_frames=13, num_inference_steps=2,
+                  generator=g, progress=False).frames  # fmt: skip
+    assert frames.shape == (1, 13, 16, 16, 3)
+
+
+def test_vae_fine_tuning_starts_from_the_small_clips_ema_weights(tmp_path):
+    spec = DemoSpec(frames=13, size=16, vae_pretrain_frames=7, vae_pretrain_size=8)
+    cfg = VAETrainConfig(steps=3, batch_size=2, warmup=1, threads=2, checkpoint_every=100)
+    # With a zero learning rate the second stage changes nothing: what it returns is what the first stage handed over.
+    encoder, decoder = train_vae(tmp_path, spec, cfg, replace(cfg, lr=0.0, weight_decay=0.0))
+    first = load_file(tmp_path / "vae" / "state.safetensors")
+    for name, module in [("encoder", encoder), ("decoder", decoder)]:
+        for k, v in module.state_dict().items():
+            torch.testing.assert_close(v, first[f"ema.{name}.{k}"], rtol=0, atol=0)
+    assert json.loads((tmp_path / "vae_full" / "state.json").read_text())["step"] == 3
+
+
+def test_vae_trains_in_one_stage_when_the_clips_are_no_larger_than_the_first_stages(tmp_path):
+    spec = DemoSpec(frames=7, size=8)  # the first stage's 32x32x13 is capped at the clip's own size
+    assert spec.pretrain_world() == spec.world()
+    cfg = VAETrainConfig(steps=2, batch_size=2, warmup=1, threads=2)
+    train_vae(tmp_path, spec, cfg, cfg)
+    assert (tmp_path / "vae" / "state.json").is_file() and not (tmp_path / "vae_full").exists()
