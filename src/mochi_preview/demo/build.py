@@ -2,9 +2,8 @@
 
 Stages, each resumable (trainers checkpoint under `--work`; finished stages are skipped):
 1. a tiny T5 (random T5 v1.1 architecture) and its sentencepiece tokenizer, written to `WORK/t5_init/`;
-2. the VAE (reconstruction + object colour + KL), on clips of at most 32x32 and 13 frames, then fine-tuned on
-   larger ones when the model's clips are larger (`--size`, `--frames`),
-   then a colour check of its reconstructions with the evaluator;
+2. the VAE (reconstruction + object colour + KL) on clips of at most 32x32 and 13 frames, fine-tuned at the model's
+   clip size when that is larger (`--size`, `--frames`); then a colour check of its reconstructions (evaluator);
 3. the latent statistics (per-channel mean/std, the demo's normalization constants) and a cache of encoded clips;
 4. the DiT, trained with flow matching on that cache (the cached captions' frozen T5 features by default;
    `--captions fresh` draws a new caption for each clip at every step, `--text_encoder trained` trains the T5 along,
