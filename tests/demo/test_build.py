@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -56,3 +57,21 @@ def test_vae_trains_in_one_stage_when_the_clips_are_no_larger_than_the_first_sta
     cfg = VAETrainConfig(steps=2, batch_size=2, warmup=1, threads=2)
     train_vae(tmp_path, spec, cfg, cfg)
     assert (tmp_path / "vae" / "state.json").is_file() and not (tmp_path / "vae_full").exists()
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (["--size", "40"], "multiple of 16"),
+        (["--frames", "12"], "6k + 1"),
+        (["--vae_pretrain_size", "12"], "multiple of 8"),
+        (["--latent_clips", "0"], "positive"),
+        (["--dit_steps", "-1"], "at least 0"),
+    ],
+)
+def test_bad_build_options_are_refused_before_anything_is_written(tmp_path, capsys, bad, message):
+    out = tmp_path / "demo"
+    with pytest.raises(SystemExit):
+        main(["--out", str(out), *bad])
+    assert message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

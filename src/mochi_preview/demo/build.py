@@ -220,6 +220,17 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--skip_eval", action="store_true")
     args = p.parse_args(argv)
+    # Checked before anything is written: a wrong size would otherwise fail stages later, inside a network.
+    if args.size % 16 or args.size < 16:
+        p.error(f"--size {args.size}: must be a multiple of 16 (8x VAE compression, then 2x2 DiT patches), e.g. 32, 64")
+    if args.vae_pretrain_size % 8 or args.vae_pretrain_size < 8:
+        p.error(f"--vae_pretrain_size {args.vae_pretrain_size}: must be a multiple of 8 (the VAE's compression)")
+    for name in ("frames", "vae_pretrain_frames"):
+        if (n := getattr(args, name)) % 6 != 1:
+            p.error(f"--{name} {n}: must be 6k + 1 (the VAE's 6x causal compression), e.g. 7, 13, 25")
+    for name in ("vae_steps", "vae_finetune_steps", "dit_steps", "latent_clips", "vae_batch", "threads"):
+        if getattr(args, name) < (0 if name.endswith("steps") else 1):
+            p.error(f"--{name} {getattr(args, name)}: must be {'at least 0' if name.endswith('steps') else 'positive'}")
     torch.set_num_threads(args.threads)
     spec = DemoSpec(
         frames=args.frames,
