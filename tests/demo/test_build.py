@@ -18,16 +18,23 @@ TOY = ["--size", "16", "--frames", "13", "--vae_pretrain_size", "8", "--vae_pret
 
 def test_build_writes_a_model_the_pipeline_loads_and_resumes_to_the_same_files(tmp_path):
     out = tmp_path / "demo"
-    args = ["--out", str(out), *TOY, "--vae_steps", "2", "--vae_finetune_steps", "2", "--dit_steps", "2"]
+    args = ["--out", str(out), *TOY, "--text_steps", "2", "--vae_steps", "2", "--vae_finetune_steps", "2"]
+    args += ["--dit_steps", "2"]
     args += ["--latent_clips", "16", "--skip_eval"]
     main(args)
     work = tmp_path / "demo.work"
     step = lambda stage: json.loads((work / stage / "state.json").read_text())["step"]
-    steps = {stage: step(stage) for stage in ["vae", "vae_full", "dit"]}
-    assert steps == {"vae": 2, "vae_full": 2, "dit": 2}
+    steps = {stage: step(stage) for stage in ["t5_train", "vae", "vae_full", "dit"]}
+    assert steps == {"t5_train": 2, "vae": 2, "vae_full": 2, "dit": 2}
+    # The shipped T5 is the pretrained one (tokenizer files kept), not the random one it started from.
+    t5 = load_file(out / "t5" / "model.safetensors")
+    assert all(torch.equal(v, t5[k]) for k, v in load_file(work / "t5" / "model.safetensors").items())
+    assert any(not torch.equal(v, t5[k]) for k, v in load_file(work / "t5_init" / "model.safetensors").items())
+    assert (out / "t5" / "spiece.model").read_bytes() == (work / "t5_init" / "spiece.model").read_bytes()
     defaults = json.loads((out / "mochi_defaults.json").read_text())
     assert (defaults["width"], defaults["height"], defaults["num_frames"]) == (16, 16, 13)
-    first = {name: (out / name).read_bytes() for name in ["dit.safetensors", "decoder.safetensors"]}
+    files = ["dit.safetensors", "decoder.safetensors", "t5/model.safetensors"]
+    first = {name: (out / name).read_bytes() for name in files}
 
     main(args)  # every stage is finished: the rerun only reloads checkpoints and exports the same weights
     assert {name: (out / name).read_bytes() for name in first} == first
@@ -67,6 +74,7 @@ def test_vae_trains_in_one_stage_when_the_clips_are_no_larger_than_the_first_sta
         (["--vae_pretrain_size", "12"], "multiple of 8"),
         (["--latent_clips", "0"], "positive"),
         (["--dit_steps", "-1"], "at least 0"),
+        (["--text_steps", "-2"], "at least 0"),
     ],
 )
 def test_bad_build_options_are_refused_before_anything_is_written(tmp_path, capsys, bad, message):
@@ -75,3 +83,14 @@ def test_bad_build_options_are_refused_before_anything_is_written(tmp_path, caps
         main(["--out", str(out), *bad])
     assert message in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_work_folder_keeps_the_text_options_it_began_with(tmp_path, capsys):
+    # Its latent cache holds that text encoder's features; another encoder would train the DiT on the wrong ones.
+    work = tmp_path / "demo.work"
+    work.mkdir()
+    (work / "text_options.json").write_text(json.dumps({"text_encoder": "frozen", "tokenizer": "generic"}))
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "demo"), *TOY])  # the default is the pretrained text encoder
+    assert "--work" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["demo.work", "text_options.json"]

@@ -25,23 +25,25 @@ def test_the_shipped_demo_model_is_the_default(capsys):
 
 @pytest.fixture(scope="module")
 def held_out_scores():
-    """Adherence of the shipped model on one prompt per held-out combination, each in a held-out sentence form."""
+    """Adherence of the shipped model on the 45 evaluation prompts: every held-out combination in every held-out
+    sentence form (the issue's figure: at least 40 such prompts, 90% colour and 90% direction)."""
     torch.set_num_threads(2)
     pipe = MochiPipeline.from_pretrained(DEMO_MODEL_DIR, torch_dtype=torch.float32, device="cpu")
     assert pipe.latent_stats is not None  # the demo VAE's own normalization, not the published one
-    cases = [heldout_prompts()[5 * i + i % 5] for i in range(9)]
+    cases = heldout_prompts()
+    assert len(cases) >= 40
     videos = generate(pipe, [p for p, _ in cases], model_defaults(DEMO_MODEL_DIR))
     scores = adherence(list(videos), [a for _, a in cases])
     return scores | {"seen": [(p, o.colour, o.direction) for (p, _), o in zip(cases, scores["observations"])]}
 
 
 def test_demo_model_follows_held_out_prompts_in_colour(held_out_scores):
-    assert held_out_scores["colour"] >= 8 / 9, held_out_scores["seen"]
+    assert held_out_scores["colour"] >= 0.9, held_out_scores["seen"]
 
 
-def test_demo_model_moves_the_object_better_than_chance(held_out_scores):
-    # Chance is 1/4; the shipped build gets 62% on all 45 held-out prompts (bench/RESULTS.md, Demo model).
-    assert held_out_scores["direction"] >= 4 / 9, held_out_scores["seen"]
+def test_demo_model_follows_held_out_prompts_in_direction(held_out_scores):
+    # Chance is 1/4; the shipped build gets 93% with these seeds (bench/RESULTS.md, Demo model), the random-T5 one 62%.
+    assert held_out_scores["direction"] >= 0.9, held_out_scores["seen"]
 
 
 def test_cli_without_model_dir_uses_the_demo_model(tmp_path, capsys):

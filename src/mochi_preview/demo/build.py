@@ -1,14 +1,16 @@
 """Build the demo model from scratch: `python -m mochi_preview.demo.build --out DIR [--threads 2]`.
 
 Stages, each resumable (trainers checkpoint under `--work`; finished stages are skipped):
-1. a tiny T5 (random T5 v1.1 architecture) and its sentencepiece tokenizer, written to `WORK/t5_init/`;
+1. a tiny T5 (random T5 v1.1 architecture) and its sentencepiece tokenizer, written to `WORK/t5_init/`, then
+   taught to name the colour, shape and direction of training captions (`mochi_preview.train.text`) and frozen,
+   `WORK/t5/`: a random T5 hardly sees word order ("from left to right" vs "from right to left");
 2. the VAE (reconstruction + object colour + KL) on clips of at most 32x32 and 13 frames, fine-tuned at the model's
    clip size when that is larger (`--size`, `--frames`); then a colour check of its reconstructions (evaluator);
 3. the latent statistics (per-channel mean/std, the demo's normalization constants) and a cache of encoded clips;
-4. the DiT, trained with flow matching on that cache (the cached captions' frozen T5 features by default;
-   `--captions fresh` draws a new caption for each clip at every step, `--text_encoder trained` trains the T5 along,
-   `--tokenizer captions` trains the tokenizer on the world's captions: none of these beat the default so far,
-   see bench/RESULTS.md);
+4. the DiT, trained with flow matching on that cache (the cached captions' features from the frozen T5 by default;
+   for the experiments in bench/RESULTS.md: `--text_encoder frozen` keeps the random T5, `trained` trains it along
+   with the DiT, `--captions fresh` draws a new caption for each clip at every step, `--tokenizer captions` trains
+   the tokenizer on the world's captions);
 5. export in the published native layout (dit/decoder/encoder.safetensors, t5/) plus `mochi_defaults.json` and
    `latent_stats.json`, then the adherence evaluation (`evaluate_model`).
 """
@@ -33,6 +35,8 @@ from ..train import (
     DiTTrainConfig,
     DiTTrainer,
     LatentData,
+    TextTrainConfig,
+    TextTrainer,
     VAETrainConfig,
     VAETrainer,
     encode_latent_data,
@@ -41,7 +45,7 @@ from ..train import (
 )
 from ..vae import Decoder, DecoderConfig, Encoder, EncoderConfig
 from .evaluate import adherence
-from .world import MOVES, WorldConfig, caption, combos, sample_batch, to_frames
+from .world import COLOURS, MOVES, SHAPES, WorldConfig, caption, combos, sample_batch, to_frames
 
 
 @dataclass(frozen=True)
@@ -110,6 +114,42 @@ def build_t5(folder: Path, spec: DemoSpec, tokenizer: str = "generic") -> None:
         save_tiny_t5(folder, **size, vocab_size=spec.t5_vocab, corpus=caption_corpus(), model_type="bpe")
 
 
+def caption_labels(
+    rng: np.random.Generator, n: int, split: str = "train", phrasing: str = "train", capitalise: float = 0.15
+) -> tuple[list[str], torch.Tensor]:
+    """n captions of a split's combinations and sentence forms with their (colour, shape, direction) labels (n, 3).
+
+    Each word is capitalised with probability `capitalise`: the tokenizer is case-sensitive and training captions
+    only ever open with an article or "there", so without it "Downward, a red box glides" reads as a new word.
+    """
+    pool = combos(split)
+    attrs = [pool[i] for i in rng.integers(len(pool), size=n)]
+    captions = [caption(rng, a, phrasing) for a in attrs]
+    captions = [" ".join(w.capitalize() if rng.random() < capitalise else w for w in c.split(" ")) for c in captions]
+    labels = [(list(COLOURS).index(a.colour), SHAPES.index(a.shape), MOVES.index(a.direction)) for a in attrs]
+    return captions, torch.tensor(labels)
+
+
+def pretrain_t5(t5_init: Path, folder: Path, work: Path, steps: int, threads: int) -> None:
+    """Teach the random T5 in `t5_init` to name the attributes of training captions; write it to `folder`."""
+    if (folder / "model.safetensors").is_file():
+        return
+    text = TextEncoder.from_folder(t5_init)
+    cfg = TextTrainConfig(steps=steps, threads=threads, checkpoint_every=200)
+    trainer = TextTrainer(text, (len(COLOURS), len(SHAPES), len(MOVES)), caption_labels, cfg)
+    trainer.fit(checkpoint=work / "t5_train")
+    # A check, not a selection: held-out combinations in held-out sentence forms, never trained on.
+    heldout = caption_labels(np.random.default_rng(1), 512, "heldout", "heldout", capitalise=0.0)
+    accuracy = dict(zip(("colour", "shape", "direction"), trainer.accuracy(*heldout)))
+    log(f"text encoder on held-out captions: {accuracy}")
+    (work / "t5_check.json").write_text(json.dumps(accuracy))
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(t5_init, tmp)  # the tokenizer files; the weights are replaced next
+    trainer.ema_model().t5.save_pretrained(tmp)
+    tmp.rename(folder)  # complete or absent: a rerun after an interruption starts this stage again
+
+
 def vae_models(spec: DemoSpec) -> tuple[Encoder, Decoder]:
     """A reduced AsymmVAE: the published layout with fewer channels and blocks, no attention."""
     blocks = spec.vae_blocks
@@ -165,11 +205,12 @@ def dit_model(spec: DemoSpec) -> AsymmDiT:
     return init_weights(AsymmDiT(cfg), generator=torch.Generator().manual_seed(0))
 
 
-def export(out: Path, dit: AsymmDiT, t5, t5_init: Path, encoder, decoder, mean, std, spec, dtype) -> None:
-    """Write the native layout; `dtype` halves the DiT and VAE files (the loaders cast back on load); T5 stays fp32."""
+def export(out: Path, dit: AsymmDiT, t5, t5_files: Path, encoder, decoder, mean, std, spec, dtype) -> None:
+    """Write the native layout; `dtype` halves the DiT and VAE files (the loaders cast back on load); T5 stays fp32.
+    `t5_files`: the text encoder's folder (tokenizer and weights), `t5`: weights trained with the DiT, if any."""
     half = lambda module: {k: v.detach().to(dtype).contiguous() for k, v in module.state_dict().items()}
     (out / "t5").mkdir(exist_ok=True)
-    for f in t5_init.iterdir():  # the tokenizer files (and the random weights, replaced below when trained)
+    for f in t5_files.iterdir():  # the tokenizer files (and the weights, replaced below when trained along)
         shutil.copyfile(f, out / "t5" / f.name)
     if t5 is not None:
         t5.save_pretrained(out / "t5")
@@ -193,6 +234,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--vae_steps", type=int, default=3000)
     p.add_argument("--vae_batch", type=int, default=8)
     p.add_argument("--vae_finetune_steps", type=int, default=200, help="VAE steps at full size, after --vae_steps")
+    p.add_argument("--text_steps", type=int, default=600, help="text-encoder pretraining steps")
     p.add_argument("--dit_steps", type=int, default=2000)
     p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16")
     p.add_argument("--size", type=int, default=DemoSpec.size, help="clip width and height (a multiple of 8)")
@@ -202,9 +244,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--latent_clips", type=int, default=DemoSpec.latent_clips, help="clips in the DiT's cache")
     p.add_argument(
         "--text_encoder",
-        choices=["trained", "frozen"],
-        default="frozen",
-        help="keep the random T5 (default) or train it with the DiT",
+        choices=["pretrained", "frozen", "trained"],
+        default="pretrained",
+        help="T5 taught the captions' attributes, then frozen (default); the random T5 frozen; or trained with the DiT",
     )
     p.add_argument(
         "--captions",
@@ -228,7 +270,7 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("frames", "vae_pretrain_frames"):
         if (n := getattr(args, name)) % 6 != 1:
             p.error(f"--{name} {n}: must be 6k + 1 (the VAE's 6x causal compression), e.g. 7, 13, 25")
-    for name in ("vae_steps", "vae_finetune_steps", "dit_steps", "latent_clips", "vae_batch", "threads"):
+    for name in ("text_steps", "vae_steps", "vae_finetune_steps", "dit_steps", "latent_clips", "vae_batch", "threads"):
         if getattr(args, name) < (0 if name.endswith("steps") else 1):
             p.error(f"--{name} {getattr(args, name)}: must be {'at least 0' if name.endswith('steps') else 'positive'}")
     torch.set_num_threads(args.threads)
@@ -240,15 +282,25 @@ def main(argv: list[str] | None = None) -> None:
         latent_clips=args.latent_clips,
     )
     out, work = args.out, args.work or args.out.with_name(args.out.name + ".work")
+    # The latent cache holds one text encoder's features: a work folder stays with the text options it began with.
+    text_options = {"text_encoder": args.text_encoder, "tokenizer": args.tokenizer}
+    record = work / "text_options.json"
+    if record.is_file() and (before := json.loads(record.read_text())) != text_options:
+        p.error(f"{work} was built with {before}, not {text_options}: give another --work or the same options")
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     (work / "spec.json").write_text(json.dumps(asdict(spec)))
+    record.write_text(json.dumps(text_options))
     start = time.time()
 
     log("1/5 text encoder")
     t5_init = work / "t5_init"
     build_t5(t5_init, spec, args.tokenizer)
-    text = TextEncoder.from_folder(t5_init)
+    t5_files = t5_init
+    if args.text_encoder == "pretrained":
+        t5_files = work / "t5"
+        pretrain_t5(t5_init, t5_files, work, args.text_steps, args.threads)
+    text = TextEncoder.from_folder(t5_files)
 
     log("2/5 VAE")
     vae_cfg = VAETrainConfig(
@@ -303,7 +355,7 @@ def main(argv: list[str] | None = None) -> None:
 
     log("5/5 export and evaluation")
     dtype = getattr(torch, args.dtype)
-    export(out, dit, t5, t5_init, encoder, decoder, mean, std, spec, dtype)
+    export(out, dit, t5, t5_files, encoder, decoder, mean, std, spec, dtype)
     log(f"built {out} in {(time.time() - start) / 60:.1f} min (this run; resumed stages count only their new part)")
     if not args.skip_eval:
         from .evaluate_model import main as evaluate
