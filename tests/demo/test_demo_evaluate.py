@@ -85,3 +85,19 @@ def test_observation_reports_measurements():
     dx, dy = seen.displacement
     assert dy > 0.2 and abs(dx) < 0.01
     np.testing.assert_allclose(seen.rgb, np.array(W.COLOURS["yellow"]) / 255, atol=0.02)
+
+
+@pytest.mark.parametrize("size, scale", [(32, 4), (64, 2)])
+def test_strip_shows_evenly_spaced_frames_at_about_128_pixels(tmp_path, size, scale):
+    from PIL import Image
+
+    from mochi_preview.demo.evaluate_model import save_strip
+
+    videos = np.zeros((2, 13, size, size, 3))
+    videos[:, :, :, :, 0] = np.arange(13)[None, :, None, None] / 12  # frame t has red level t / 12
+    save_strip(videos, tmp_path / "s.png", frames=7)
+    strip = np.asarray(Image.open(tmp_path / "s.png"))
+    tile = (size + 2) * scale  # a frame plus its 1-pixel border, enlarged
+    assert strip.shape == (2 * tile, 7 * tile, 3)
+    reds = [strip[tile // 2, i * tile + tile // 2, 0] for i in range(7)]
+    assert reds == [round(t / 12 * 255) for t in (0, 2, 4, 6, 8, 10, 12)]

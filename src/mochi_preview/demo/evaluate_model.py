@@ -89,10 +89,12 @@ def markdown(result: dict, model_dir: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def save_strip(videos: np.ndarray, path: Path, rows: int = 4, frames: int = 7, scale: int = 3) -> None:
-    """A PNG: `rows` clips, each as `frames` evenly spaced frames, enlarged `scale` times (nearest neighbour)."""
+def save_strip(videos: np.ndarray, path: Path, rows: int = 4, frames: int = 7, scale: int | None = None) -> None:
+    """A PNG: `rows` clips, each as `frames` evenly spaced frames, enlarged `scale` times (nearest neighbour;
+    default: to about 128 pixels a frame)."""
     from PIL import Image
 
+    scale = scale or max(1, round(128 / videos.shape[3]))
     picks = np.linspace(0, videos.shape[1] - 1, frames).round().astype(int)
     tiles = []
     for v in videos[:rows]:
