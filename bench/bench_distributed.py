@@ -20,11 +20,12 @@ from pathlib import Path
 
 import torch
 
-from mochi_preview.dit import AsymmDiT, DiTConfig, init_weights
-from mochi_preview.sampling import denoise, get_noise, linear_quadratic_schedule
-from mochi_preview.vae import Decoder, DecoderConfig
+from mochi_preview.configs import dit_config
+from mochi_preview.dit import AsymmDiT, init_weights
+from mochi_preview.sampling import TextCondition, denoise, get_noise, linear_quadratic_schedule
+from mochi_preview.vae import Decoder, DecoderConfig, decode
 
-CONFIG = DiTConfig.reduced(depth=4, num_heads=8, dim_y=256, text_dim=256, head_dim=64)
+CONFIG = dit_config(depth=4, num_heads=8, dim_y=256, text_dim=256, head_dim=64)
 VIDEO = dict(num_frames=37, height=240, width=416)  # latent (12, 7, 30, 52): 7 x 15 x 26 = 2,730 tokens
 TEXT_LEN, COND_VALID, UNCOND_VALID = 256, 40, 1
 DECODER = DecoderConfig(channels=(64, 128, 256, 384))
@@ -43,7 +44,7 @@ def make_inputs():
         feats = torch.randn(1, TEXT_LEN, CONFIG.text_dim, generator=g)
         mask = torch.zeros(1, TEXT_LEN, dtype=torch.bool)
         mask[:, :valid] = True
-        texts.append((feats, mask))
+        texts.append(TextCondition(feats, mask))
     return z, texts[0], texts[1]
 
 
@@ -85,13 +86,12 @@ def worker(args) -> None:
     import torch.distributed as dist
 
     from mochi_preview.distributed import ContextParallel, init_distributed
-    from mochi_preview.vae.parallel import decode_time_split
 
     torch.set_num_threads(1)
     init_distributed()
     cp = ContextParallel(cfg_parallel=args.mode == "cfg")
     model = make_model()
-    model.context_parallel = cp if cp.seq_size > 1 else None
+    model.set_token_layout(cp.token_layout())
     result = generate(model, args.steps, args.mode == "cfg", cp)
     tensors = {"latents": result.pop("latents")}
     if args.mode == "seq" and not args.skip_vae:  # the decode does not depend on the DiT mode: time it once
@@ -99,7 +99,7 @@ def worker(args) -> None:
             decoder, latents = make_decoder(), decode_latents()
             dist.barrier()
             start, cpu = time.perf_counter(), time.process_time()
-            tensors["video"] = decode_time_split(decoder, latents)
+            tensors["video"] = decode(decoder, latents, group=dist.group.WORLD)
             result["decode_seconds"] = time.perf_counter() - start
             result["decode_cpu"] = time.process_time() - cpu
     if cp.is_main:
@@ -176,7 +176,7 @@ def main() -> None:
         with torch.inference_mode():
             decoder, latents = make_decoder(), decode_latents()
             start, cpu = time.perf_counter(), time.process_time()
-            video_ref = decoder(latents, mode="full")
+            video_ref = decode(decoder, latents, mode="full")
             decode_single, decode_single_cpu = time.perf_counter() - start, time.process_time() - cpu
 
     names = {"seq": "2 processes x 1 thread, sequence parallel", "cfg": "2 processes x 1 thread, CFG parallel"}

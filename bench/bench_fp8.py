@@ -18,13 +18,14 @@ import time
 
 import torch
 
-from mochi_preview.dit import AsymmDiT, DiTConfig, init_weights, parameter_bytes, quantize_dit_fp8
+from mochi_preview.configs import dit_config
+from mochi_preview.dit import AsymmDiT, init_weights, parameter_bytes, quantize_dit_fp8
 from mochi_preview.dit.fp8 import block_linears
 
 
 def build(heads: int) -> AsymmDiT:
     """A random 2-block DiT in fp32 (heads=24: the published width)."""
-    cfg = DiTConfig.reduced(depth=2, num_heads=heads, dim_y=64 * heads, text_dim=4096)
+    cfg = dit_config(depth=2, num_heads=heads, dim_y=64 * heads, text_dim=4096)
     g = torch.Generator().manual_seed(0)
     model = init_weights(AsymmDiT(cfg), std=0.02, generator=g).eval().requires_grad_(False)
     for name in block_linears(model):

@@ -24,20 +24,20 @@ PROMPT = "a red ball moving to the right"
 
 def to_layout(native: dict[str, torch.Tensor], layout: dict, target: dict[str, torch.Tensor]) -> dict:
     """Invert native <- recipe(sources): split concatenated rows by the target shapes, swap halves back."""
-    from mochi_preview.weights import concat_rows, swap_halves
+    from mochi_preview.checkpoint import concat_rows, swap_halves
 
     out = {}
     for key, recipe in layout.items():
         tensor = native[key]
-        if recipe.combine is None:
-            out[recipe.sources[0]] = tensor
-        elif recipe.combine is swap_halves:
-            out[recipe.sources[0]] = swap_halves(tensor)
-        elif recipe.combine is concat_rows:
-            sizes = [target[k].shape[0] for k in recipe.sources]
-            out.update(zip(recipe.sources, tensor.split(sizes)))
+        if recipe.transform is None:
+            out[recipe.keys[0]] = tensor
+        elif recipe.transform is swap_halves:
+            out[recipe.keys[0]] = swap_halves(tensor)
+        elif recipe.transform is concat_rows:
+            sizes = [target[k].shape[0] for k in recipe.keys]
+            out.update(zip(recipe.keys, tensor.split(sizes)))
         else:
-            raise NotImplementedError(f"no inverse for {recipe.combine} ({key})")
+            raise NotImplementedError(f"no inverse for {recipe.transform} ({key})")
     return out
 
 
@@ -46,8 +46,8 @@ def diffusers_pipeline(ours):
     from diffusers import AutoencoderKLMochi, FlowMatchEulerDiscreteScheduler, MochiTransformer3DModel
     from diffusers import MochiPipeline as TheirPipeline
 
-    from mochi_preview.dit.weights import diffusers_layout as dit_layout
-    from mochi_preview.vae.weights import diffusers_layout as vae_layout
+    from mochi_preview.dit.layout import diffusers_layout as dit_layout
+    from mochi_preview.vae.layout import diffusers_layout as vae_layout
 
     cfg = ours.dit.cfg
     transformer = MochiTransformer3DModel(

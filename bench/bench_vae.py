@@ -47,11 +47,12 @@ def child(spec: dict) -> dict:
     z = torch.randn(1, 12, t, h, w, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         if spec["impl"] == "ours":
-            from mochi_preview.vae import load_vae_decoder
+            from mochi_preview.vae import decode, load_vae_decoder
 
             decoder = load_vae_decoder(spec["folder"])
-            decoder(z[:, :, :1, :2, :2], mode="full")  # warm-up: oneDNN initialisation is not the decode's memory
-            run = lambda: decoder(z, **spec["options"])  # noqa: E731
+            # Warm-up: oneDNN initialisation is not the decode's memory.
+            decode(decoder, z[:, :, :1, :2, :2], mode="full")
+            run = lambda: decode(decoder, z, **spec["options"])  # noqa: E731
         else:
             from diffusers import AutoencoderKLMochi
 

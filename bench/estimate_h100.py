@@ -12,6 +12,7 @@ prints the markdown report and writes it (atomically) to --output.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import tempfile
 from dataclasses import dataclass
@@ -20,10 +21,12 @@ from unittest import mock
 
 import torch
 
+from mochi_preview.configs import CONFIGS
 from mochi_preview.dit import DiTConfig
 from mochi_preview.vae import DecoderConfig, estimate_decode_bytes, plan_decode
-from mochi_preview.vae import decode as vae_decode
-from mochi_preview.vae.decode import default_tiles, output_bytes, tile_spans
+from mochi_preview.vae.decode import DEFAULT_BUDGET_FRACTION, RESBLOCK_FACTOR, default_tiles, output_bytes, tile_spans
+
+vae_decode = importlib.import_module("mochi_preview.vae.decode")  # the module (the package exports the function)
 
 GB = 1e9
 FRAMES = (31, 85, 163)
@@ -44,8 +47,8 @@ T5_ACTIVATIONS = 0.1 * GB  # 2 prompts x 256 tokens through T5-XXL: tens of MB (
 # Shapes and parameter counts
 
 
-DIT = DiTConfig.mochi_1_preview()  # the published sizes (spec §1.1, §1.5)
-DECODER = DecoderConfig()
+DIT = CONFIGS["mochi-1-preview"].dit  # the published sizes (spec §1.1, §1.5)
+DECODER = CONFIGS["mochi-1-preview"].decoder
 
 
 def _block_matrices(s, update_y: bool) -> list[tuple[int, int, bool]]:
@@ -243,7 +246,7 @@ def vae_decode_bytes(
     """
     th = max(e - s for s, e in tile_spans(HEIGHT // 8, grid[0], OVERLAP))
     tw = max(e - s for s, e in tile_spans(WIDTH // 8, grid[1], OVERLAP))
-    factor = case.vae_factor or vae_decode.RESBLOCK_FACTOR
+    factor = case.vae_factor or RESBLOCK_FACTOR
     with mock.patch.object(vae_decode, "RESBLOCK_FACTOR", factor):
         act = estimate_decode_bytes(cfg, 1, chunk or t, th, tw, dtype, chunk is not None, t)
     if grid == (1, 1) and chunk is None:
@@ -282,7 +285,7 @@ def vae_plan(frames: int, name: str, mode: str = "resident bf16") -> tuple[tuple
     memory (the card minus the weights on it and the overhead) as its budget."""
     if name != "auto":
         return VAE_PLANS[name]
-    budget = vae_decode.DEFAULT_BUDGET_FRACTION * (CAPACITY - weights_at_decode(mode) - HIGH.overhead)
+    budget = DEFAULT_BUDGET_FRACTION * (CAPACITY - weights_at_decode(mode) - HIGH.overhead)
     plan = plan_decode(DECODER, (1, DECODER.latent_dim, latent_frames(frames), HEIGHT // 8, WIDTH // 8),
                        torch.bfloat16, int(budget), OVERLAP)  # fmt: skip
     return plan.tiles, plan.frames_per_chunk

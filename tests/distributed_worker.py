@@ -15,10 +15,10 @@ import torch.distributed as dist
 from dit_fixtures import randomize_, text_inputs
 
 from mochi_preview import AsymmDiT, DiTConfig
-from mochi_preview.distributed import CFGParallelDiT, ContextParallel, init_distributed, shard_dit
-from mochi_preview.sampling import denoise, linear_quadratic_schedule
-from mochi_preview.vae import Decoder, DecoderConfig
-from mochi_preview.vae.parallel import decode_time_split
+from mochi_preview.distributed import CFGParallelDiT, ContextParallel, SequenceParallel, init_distributed, shard_dit
+from mochi_preview.dit.tokens import TokenLayout
+from mochi_preview.sampling import TextCondition, denoise, linear_quadratic_schedule
+from mochi_preview.vae import Decoder, DecoderConfig, decode
 
 # 6 heads: 2, 3 and 6 ranks divide them. Token counts 20 = 2*2*5 (not divisible by 3) and 15 = 3*1*5 (not by 2).
 CFG = DiTConfig(depth=2, num_heads=6, head_dim=32, dim_y=64, mlp_hidden_x=256, mlp_hidden_y=128, text_dim=32)
@@ -37,8 +37,8 @@ def make_dit() -> AsymmDiT:
 
 
 def make_text():
-    cond = text_inputs(1, length=16, dim=CFG.text_dim, valid=(7,), seed=1)
-    uncond = text_inputs(1, length=16, dim=CFG.text_dim, valid=(2,), seed=2)
+    cond = TextCondition(*text_inputs(1, length=16, dim=CFG.text_dim, valid=(7,), seed=1))
+    uncond = TextCondition(*text_inputs(1, length=16, dim=CFG.text_dim, valid=(2,), seed=2))
     batch = text_inputs(2, length=16, dim=CFG.text_dim, valid=(3, 11), seed=3)  # B = 2, different lengths
     return cond, uncond, batch
 
@@ -75,9 +75,12 @@ def run_dit(cfg_parallel: bool) -> dict:
     sharded = copy.deepcopy(base)
     cp = ContextParallel(cfg_parallel=cfg_parallel)
     cond, uncond, batch = make_text()
+    layout = cp.token_layout()
+    # One rank per CFG half (2 ranks, CFG parallel): the DiT shares nothing, so it gets the one-process layout.
+    assert type(layout) is (SequenceParallel if cp.seq_size > 1 else TokenLayout), (cp.seq_size, layout)
     out = {}
     for name, dit in (("", base), ("sharded/", shard_dit(sharded, cp))):
-        dit.context_parallel = cp if cp.seq_size > 1 else None
+        dit.set_token_layout(layout)
         model = CFGParallelDiT(dit, cp) if cfg_parallel else dit
         with torch.no_grad():
             for shape in LATENT_SHAPES:
@@ -100,17 +103,16 @@ def run_vae() -> dict:
             decoder = make_decoder(name)
             for t in (1, 2, 5):  # fewer latent frames than ranks, and uneven slices
                 z = make_latents((1, 12, t, 3, 4))
-                out[f"{name}/{t}"] = decode_time_split(decoder, z)
+                out[f"{name}/{t}"] = decode(decoder, z, group=dist.group.WORLD)
         z = make_latents((1, 12, 5, 3, 4))
-        out["plain/5/tiled"] = decode_time_split(make_decoder("plain"), z, mode="tiled", **TILED)
+        out["plain/5/tiled"] = decode(make_decoder("plain"), z, mode="tiled", group=dist.group.WORLD, **TILED)
     return out
 
 
 def run_failure(hang: bool) -> None:
     """Rank 1 raises in the first block while the others wait for it in the all-to-all."""
     cp = ContextParallel(cfg_parallel=False)  # sequence parallel: every rank needs rank 1 inside every block
-    dit = make_dit()
-    dit.context_parallel = cp
+    dit = make_dit().set_token_layout(cp.token_layout())
 
     def boom(module, args):
         if cp.rank == 1:
@@ -121,7 +123,7 @@ def run_failure(hang: bool) -> None:
     cond, _, _ = make_text()
     try:
         with cp.guard(), torch.no_grad():
-            dit(make_latents(LATENT_SHAPES[0]), 0.5, *cond)
+            dit(make_latents(LATENT_SHAPES[0]), 0.5, cond.features, cond.mask)
     except ValueError as e:
         if hang:  # this process lives on (e.g. a notebook that caught the error): the others must still stop
             print(f"caught {e!r}, living on", flush=True)

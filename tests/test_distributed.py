@@ -23,6 +23,7 @@ from distributed_worker import DECODERS, TILED, make_decoder, make_dit, make_lat
 from model_folders import save_native_model
 
 from mochi_preview.infer import main
+from mochi_preview.vae import decode
 from mochi_preview.video import read_video
 
 RTOL = 1e-5
@@ -94,11 +95,11 @@ def expected():
     with torch.no_grad():
         dit = reference(make_dit())
         vae = {
-            f"{name}/{t}": make_decoder(name)(make_latents((1, 12, t, 3, 4)), mode="full")
+            f"{name}/{t}": decode(make_decoder(name), make_latents((1, 12, t, 3, 4)), mode="full")
             for name in DECODERS
             for t in (1, 2, 5)
         }
-        vae["plain/5/tiled"] = make_decoder("plain")(make_latents((1, 12, 5, 3, 4)), mode="tiled", **TILED)
+        vae["plain/5/tiled"] = decode(make_decoder("plain"), make_latents((1, 12, 5, 3, 4)), mode="tiled", **TILED)
     return {"dit": dit, "vae": vae}
 
 

@@ -7,10 +7,12 @@ import torch
 from dit_fixtures import randomize_, text_inputs
 
 from mochi_preview import AsymmDiT, DiTConfig
+from mochi_preview.configs import CONFIGS, dit_config
 from mochi_preview.dit import infer_dit_config
-from mochi_preview.sampling import denoise, linear_quadratic_schedule
+from mochi_preview.dit.tokens import TokenLayout
+from mochi_preview.sampling import TextCondition, denoise, linear_quadratic_schedule
 
-CFG = DiTConfig.reduced(depth=3, num_heads=2, dim_y=128, text_dim=64)
+CFG = dit_config(depth=3, num_heads=2, dim_y=128, text_dim=64)
 
 
 @pytest.fixture(scope="module")
@@ -70,16 +72,17 @@ def test_fully_masked_prompt_runs_and_differs_from_text(model, latents):
 def test_batched_cfg_equals_sequential_cfg(model):
     z = torch.randn(1, 12, 2, 4, 6, generator=torch.Generator().manual_seed(7))
     feats, mask = text_inputs(1, valid=(6,))
-    uncond = (torch.zeros_like(feats), torch.zeros_like(mask))  # the "no text" negative prompt
+    cond = TextCondition(feats, mask)
+    uncond = TextCondition(torch.zeros_like(feats), torch.zeros_like(mask))  # the "no text" negative prompt
     sigmas = linear_quadratic_schedule(3)
     with torch.no_grad():
-        seq = denoise(model, z, sigmas, (feats, mask), uncond, guidance=4.5, batch_cfg=False)
-        bat = denoise(model, z, sigmas, (feats, mask), uncond, guidance=4.5, batch_cfg=True)
+        seq = denoise(model, z, sigmas, cond, uncond, guidance=4.5, batch_cfg=False)
+        bat = denoise(model, z, sigmas, cond, uncond, guidance=4.5, batch_cfg=True)
     torch.testing.assert_close(bat, seq, rtol=1e-5, atol=1e-5)
 
 
 def test_published_preset_sizes():
-    cfg = DiTConfig.mochi_1_preview()
+    cfg = CONFIGS["mochi-1-preview"].dit
     assert (cfg.dim_x, cfg.mlp_hidden_x, cfg.mlp_hidden_y) == (3072, 8192, 4096)
     with torch.device("meta"):
         model = AsymmDiT(cfg)
@@ -87,6 +90,33 @@ def test_published_preset_sizes():
     state = model.state_dict()
     assert len(state) == 879  # the native checkpoint's tensor count (spec 2.1)
     assert infer_dit_config({k: v.shape for k, v in state.items()}) == cfg
+
+
+def test_one_process_layout_is_the_identity():
+    layout = TokenLayout()
+    t = torch.randn(2, 6, 12)
+    assert layout.split_tokens(t) is t and layout.tokens_to_heads(t, num_tokens=6) is t
+    assert layout.heads_to_tokens(t) is t and layout.local_heads(t, dim=1) is t
+    assert layout.gather_heads(t) is t and layout.gather_tokens(t, num_tokens=6) is t
+
+
+def test_one_process_forward_never_touches_torch_distributed(model, latents, monkeypatch):
+    import torch.distributed as dist
+
+    feats, mask = text_inputs(2, valid=(3, 11))
+    with torch.no_grad():
+        want = model(latents, torch.tensor([0.9, 0.4]), feats, mask)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the one-process forward used torch.distributed")
+
+    talk = ["all_to_all_single", "all_to_all", "all_gather", "all_gather_into_tensor", "all_reduce", "broadcast"]
+    for name in [*talk, "send", "recv", "barrier", "is_initialized", "get_rank", "get_world_size", "new_group"]:
+        monkeypatch.setattr(dist, name, refuse)
+    assert type(model.token_layout) is TokenLayout  # the default
+    with torch.no_grad():
+        got = model.set_token_layout(None)(latents, torch.tensor([0.9, 0.4]), feats, mask)
+    assert type(model.token_layout) is TokenLayout and torch.equal(got, want)
 
 
 def test_config_inferred_from_reduced_shapes():

@@ -7,13 +7,14 @@ import pytest
 import torch
 from dit_fixtures import randomize_, text_inputs
 
-from mochi_preview import AsymmDiT, DiTConfig
+from mochi_preview import AsymmDiT
+from mochi_preview.configs import dit_config
 from mochi_preview.dit import model as dit_model
 from mochi_preview.dit.attention import AttentionKernel, TextPacking, chunked_sdpa, joint_attention, resolve_backend
 from mochi_preview.dit.layers import linear
 
 torch.set_num_threads(1)
-CFG = DiTConfig.reduced(depth=2, num_heads=2, dim_y=128, text_dim=64, head_dim=32)
+CFG = dit_config(depth=2, num_heads=2, dim_y=128, text_dim=64, head_dim=32)
 
 
 @pytest.fixture(scope="module")

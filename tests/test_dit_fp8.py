@@ -16,6 +16,7 @@ from dit_fixtures import randomize_, save_diffusers_transformer
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from mochi_preview.checkpoint import CheckpointError, CheckpointReader, Fp8Reader, open_checkpoint
 from mochi_preview.dit import (
     AsymmDiT,
     DiTConfig,
@@ -27,7 +28,6 @@ from mochi_preview.dit import (
 )
 from mochi_preview.dit.fp8 import E4M3_MAX, block_linears, quantize_fp8
 from mochi_preview.dit.layers import Linear
-from mochi_preview.weights import CheckpointError
 
 torch.set_num_threads(1)
 
@@ -189,7 +189,7 @@ def test_quantize_while_loading_a_diffusers_folder(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Community fp8 files, written here in their published layouts (see dit/weights.py for the format facts)
+# Community fp8 files, written here in their published layouts (see mochi_preview/checkpoint.py for the format facts)
 
 
 def e4m3_rounded(model, fp8_dtype=E4M3):
@@ -310,3 +310,32 @@ def test_fp8_checkpoint_mode_needs_fp8_weights(tmp_path, model):
         load_dit(path, fp8="e4m3")
     assert all(type(m) is not FP8Linear for m in load_dit(path).modules())
     assert type(load_dit(path).blocks[0].attn.qkv_x) is Linear
+
+
+def test_fp8_reader_is_a_reader_like_the_file_reader(tmp_path, model, scaled_state):
+    plain = open_checkpoint(write(tmp_path / "plain.safetensors", model.state_dict()))
+    view = Fp8Reader(plain)
+    assert isinstance(plain, CheckpointReader) and isinstance(view, CheckpointReader)
+    assert view.keys() == plain.keys() and "t5_yproj.weight" in view
+    for k in plain.keys():  # a file without fp8 tensors passes through unchanged
+        assert view.shape(k) == plain.shape(k) and view.dtype(k) == plain.dtype(k) == torch.float32
+        assert torch.equal(view.read(k, torch.bfloat16), plain.read(k, torch.bfloat16))
+    comfy = write(tmp_path / "scaled.safetensors", scaled_state, prefix=True)
+    stored = open_checkpoint(comfy, prefixes=["model.diffusion_model."])
+    view, w = Fp8Reader(stored), "blocks.0.attn.qkv_x.weight"
+    assert set(view.keys()) == set(model.state_dict())  # scales, activation scales and the marker hidden
+    assert "blocks.0.attn.qkv_x.scale_weight" in stored and "blocks.0.attn.qkv_x.scale_weight" not in view
+    assert stored.dtype(w) == E4M3 and view.dtype(w) == view.read(w).dtype == torch.float32
+    assert view.shape(w) == stored.shape(w) and view.raw(w).dtype == E4M3
+    assert torch.equal(view.read(w), view.raw(w).float() * stored.read("blocks.0.attn.qkv_x.scale_weight"))
+
+
+@pytest.mark.parametrize("fp8", ["channel", "checkpoint"])
+def test_keep_block_leaves_fp8_placeholders_of_the_right_kind(tmp_path, model, scaled_state, fp8):
+    path = write(tmp_path / "dit.safetensors", scaled_state)
+    full = load_dit(path, dtype=torch.bfloat16, fp8=fp8).state_dict()
+    part = load_dit(path, dtype=torch.bfloat16, fp8=fp8, keep_block=lambda i: i == 1).state_dict()
+    assert part["blocks.0.mlp_x.w1.weight"].dtype == E4M3 and part["blocks.0.mlp_x.w1.scale"].dtype == torch.float32
+    for key, tensor in part.items():
+        assert tensor.shape == full[key].shape and tensor.dtype == full[key].dtype, key
+        assert tensor.is_meta if key.startswith("blocks.0.") else torch.equal(tensor, full[key])

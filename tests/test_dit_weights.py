@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from dit_fixtures import save_diffusers_transformer, text_inputs
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from mochi_preview import load_dit
+import mochi_preview.dit.layout as dit_layout
+from mochi_preview import configs, load_dit
+from mochi_preview.checkpoint import CheckpointError, CheckpointReader
 from mochi_preview.dit import save_dit_native
-from mochi_preview.weights import CheckpointError
 
 
 @pytest.fixture(scope="module")
@@ -109,3 +112,72 @@ def test_not_a_dit(tmp_path):
     save_file({"encoder.weight": torch.zeros(2)}, str(tmp_path / "x.safetensors"))
     with pytest.raises(CheckpointError, match="does not look like a Mochi DiT"):
         load_dit(tmp_path / "x.safetensors")
+
+
+class CountingReader(CheckpointReader):
+    """Another reader's tensors, recording which keys are read."""
+
+    def __init__(self, inner: CheckpointReader):
+        self.inner, self.reads = inner, []
+
+    def keys(self):
+        return self.inner.keys()
+
+    def __contains__(self, key):
+        return key in self.inner
+
+    def shape(self, key):
+        return self.inner.shape(key)
+
+    def dtype(self, key):
+        return self.inner.dtype(key)
+
+    def read(self, key, dtype=None):
+        self.reads.append(key)
+        return self.inner.read(key, dtype)
+
+
+@pytest.fixture
+def counting(monkeypatch):
+    """The readers load_dit opens from now on, each wrapped in a CountingReader."""
+    opened, real_open = [], dit_layout.open_dit_checkpoint
+
+    def open_counting(path):
+        reader, layout, name = real_open(path)
+        opened.append(CountingReader(reader))
+        return opened[-1], layout, name
+
+    monkeypatch.setattr(dit_layout, "open_dit_checkpoint", open_counting)
+    return opened
+
+
+def test_keep_block_never_reads_the_other_blocks(native, counting):
+    full = load_dit(native).state_dict()
+    counting.clear()
+    part = load_dit(native, keep_block=lambda i: i == 1).state_dict()
+    (reader,) = counting
+    assert any(k.startswith("blocks.1.") for k in reader.reads) and "t5_yproj.weight" in reader.reads
+    assert not any(k.startswith(("blocks.0.", "blocks.2.")) for k in reader.reads)
+    assert part.keys() == full.keys()
+    for key, tensor in part.items():
+        assert tensor.shape == full[key].shape and tensor.dtype == full[key].dtype, key  # fp32 QK norms included
+        assert tensor.is_meta if key.startswith(("blocks.0.", "blocks.2.")) else torch.equal(tensor, full[key])
+
+
+def test_keep_block_still_checks_the_whole_file(tmp_path, state):
+    save_file({**state, "blocks.0.extra": torch.zeros(2)}, str(tmp_path / "extra.safetensors"))
+    with pytest.raises(CheckpointError, match=r"1 unexpected tensors \(blocks\.0\.extra\)"):
+        load_dit(tmp_path / "extra.safetensors", keep_block=lambda i: i == 1)
+    save_file({k: v for k, v in state.items() if k != "blocks.2.mlp_x.w2.weight"}, str(tmp_path / "less.safetensors"))
+    with pytest.raises(CheckpointError, match=r"1 missing tensors \(blocks\.2\.mlp_x\.w2\.weight\)"):
+        load_dit(tmp_path / "less.safetensors", keep_block=lambda i: i == 1)
+
+
+def test_published_depth_and_widths_with_other_sizes_are_refused(monkeypatch, native):
+    """A checkpoint with the published model's depth and widths must be that model: pretend this one's are."""
+    cfg = load_dit(native, dtype=torch.float32).cfg
+    published = dataclasses.replace(cfg, timestep_freq_dim=2 * cfg.timestep_freq_dim)
+    entry = dataclasses.replace(configs.CONFIGS[configs.PUBLISHED], dit=published)
+    monkeypatch.setitem(configs.CONFIGS, configs.PUBLISHED, entry)
+    with pytest.raises(CheckpointError, match=r"of 'mochi-1-preview' but differs in timestep_freq_dim=256"):
+        load_dit(native)

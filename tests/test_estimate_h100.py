@@ -11,6 +11,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from mochi_preview.configs import dit_config
 from mochi_preview.dit import AsymmDiT, DiTConfig
 from mochi_preview.vae import Decoder, DecoderConfig
 
@@ -19,7 +20,7 @@ _spec = importlib.util.spec_from_file_location("estimate_h100", _path)
 est = sys.modules.setdefault("estimate_h100", importlib.util.module_from_spec(_spec))  # dataclasses look it up
 _spec.loader.exec_module(est)
 
-SMALL = DiTConfig.reduced(depth=2, num_heads=2, dim_y=64, text_dim=32, head_dim=32)
+SMALL = dit_config(depth=2, num_heads=2, dim_y=64, text_dim=32, head_dim=32)
 count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
 
 

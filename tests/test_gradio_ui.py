@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import argparse
+import inspect
 import json
 import os
 import sys
@@ -14,6 +14,7 @@ import torch
 from browser import chromium_page, free_port, server, wait_until_up
 
 from mochi_preview import gradio_ui, infer
+from mochi_preview.settings import SETTINGS
 from mochi_preview.tiny import save_random_model
 from mochi_preview.video import read_video
 
@@ -48,7 +49,7 @@ def loaded(model_dir):
 
 def handler(loaded, out_dir):
     pipe, args = loaded
-    return gradio_ui.make_handler(pipe, argparse.Namespace(**{**vars(args), "out_dir": out_dir}), args.model_dir)
+    return gradio_ui.make_handler(pipe, out_dir, infer.RunOptions.from_args(args))
 
 
 def call(run, progress=None, **changes):
@@ -75,16 +76,16 @@ def test_random_seed_is_drawn_and_recorded(loaded, tmp_path):
 
 @pytest.mark.parametrize(
     "changes, message",
-    [
-        (dict(num_frames=30), r"num_frames=30 is not of the form 6k\+1 \(nearest valid: \[25, 31\]\)"),
-        (dict(width=50, height=20), r"height=20 is not a multiple of 16.*\[16, 32\].*width=50.*\[48, 64\]"),
-        (dict(num_steps=0), "num_inference_steps must be between 1 and 1000"),
-        (dict(cfg_scale=100), r"guidance_scale must lie in \[0, 50\]"),
-        (dict(linear_steps=5), r"linear_steps must be in \[1, 2\] for 3 steps"),
-        (dict(threshold_noise=2), r"threshold_noise must be in \[0, 1\]"),
-        (dict(width=None), "width is empty; enter a number"),
-        (dict(num_frames=13.5), "number of frames must be a whole number"),
-        (dict(seed=-1), "seed must be between 0 and 2\\*\\*64 - 1"),
+    [  # every message names the form's labels (str(gr.Error) quotes the message)
+        (dict(num_frames=30), r"Frames=30 is not of the form 6k\+1 \(nearest valid: \[25, 31\]\)"),
+        (dict(width=50, height=20), r"Height=20 is not a multiple of 16.*\[16, 32\].*Width=50.*\[48, 64\]"),
+        (dict(num_steps=0), "Steps must be between 1 and 1000; got 0"),
+        (dict(cfg_scale=100), r"CFG scale must be between 0 and 50 .*; got 100"),
+        (dict(linear_steps=5), r"Linear steps must be in \[1, 2\] for 3 steps \(Steps\); got 5"),
+        (dict(threshold_noise=2), r"Threshold noise must be between 0 and 1; got 2"),
+        (dict(width=None), "Width is empty; enter a number"),
+        (dict(num_frames=13.5), "Frames must be a whole number; got 13.5"),
+        (dict(seed=-1), "Seed must be between 0 and 2\\*\\*64 - 1; got -1"),
     ],
 )
 def test_bad_input_is_a_message_and_writes_nothing(loaded, tmp_path, changes, message):
@@ -109,9 +110,34 @@ def test_nan_latents_and_out_of_memory_are_messages(loaded, tmp_path, monkeypatc
     assert not list(tmp_path.iterdir())
 
 
-def test_startup_errors_are_messages(tmp_path, capsys):
+def test_form_is_built_from_the_settings_table(loaded, tmp_path):
+    """Every setting has one input, labelled and filled as the table and the model's defaults say, in FORM's order."""
+    pipe, args = loaded
+    assert gradio_ui.FORM == (*[s.file for s in SETTINGS[:6]], "random_seed", *[s.file for s in SETTINGS[6:]])
+    run = handler(loaded, tmp_path)
+    assert list(inspect.signature(run).parameters) == [*gradio_ui.FORM, "progress"]  # what gradio passes
+    demo = gradio_ui.build_ui(pipe, args, args.model_dir)
+    inputs = [b for b in demo.blocks.values() if isinstance(b, gr.Textbox | gr.Number)]
+    assert [b.label for b in inputs] == [s.label for s in SETTINGS]
+    assert [b.value for b in inputs][2:5] == [48, 32, 13]  # the model folder's mochi_defaults.json
+    [click] = [fn for fn in demo.fns.values() if fn.api_name == "generate"]
+    assert [demo.blocks[i].label for i in (b._id for b in click.inputs)] == [
+        *[s.label for s in SETTINGS[:6]],
+        "Random seed",
+        *[s.label for s in SETTINGS[6:]],
+    ]
+
+
+def test_startup_errors_are_messages(model_dir, tmp_path, capsys, monkeypatch):
     assert gradio_ui.main(["--model_dir", str(tmp_path / "nowhere")]) == 2
     assert "model folder not found" in capsys.readouterr().err
+
+    def load(*args, **kwargs):
+        pytest.fail("weights were loaded before the flags were checked")
+
+    monkeypatch.setattr(infer, "load_pipeline", load)
+    assert gradio_ui.main(["--model_dir", str(model_dir), "--num_frames", "30", "--out_dir", str(tmp_path)]) == 2
+    assert "--num_frames=30 is not of the form 6k+1 (nearest valid: [25, 31])" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         gradio_ui.main(["--sweep-file", "x.jsonl"])
     assert "--sweep-file and --output belong to the CLI" in capsys.readouterr().err
@@ -140,6 +166,6 @@ def test_page_generates_a_video_in_chromium(ui_server):
 
         page.get_by_label("Frames").fill("30")
         page.get_by_role("button", name="Generate").click()
-        page.get_by_text("num_frames=30 is not of the form 6k+1 (nearest valid: [25, 31])").wait_for(timeout=20_000)
+        page.get_by_text("Frames=30 is not of the form 6k+1 (nearest valid: [25, 31])").wait_for(timeout=20_000)
         assert {p.name for p in out.iterdir()} == {mp4.name, mp4.with_suffix(".json").name}
         assert page.external == []  # nothing left 127.0.0.1

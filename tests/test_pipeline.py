@@ -9,6 +9,7 @@ from model_folders import diffusers_vae, save_diffusers_model, save_native_model
 
 from mochi_preview import MochiPipeline
 from mochi_preview.pipeline import DeviceMemoryError, NonFiniteLatentsError
+from mochi_preview.sampling import DiTCall, TextCondition, get_noise, linear_quadratic_schedule
 
 SMALL = dict(height=32, width=48, num_frames=13, num_inference_steps=3, progress=False)
 
@@ -83,6 +84,64 @@ def test_callback_sees_every_step(pipe):
     assert [i for i, _ in seen] == [0, 1, 2] and seen[-1][1] == 0.0
 
 
+def test_callback_can_replace_the_latents(pipe):
+    ones = torch.ones(1, 12, 3, 4, 6)
+    last = lambda p, i, sigma, kw: {"latents": ones} if i == 2 else None
+    assert torch.equal(pipe("a cat", seed=1, output_type="latent", callback_on_step_end=last, **SMALL).frames, ones)
+
+
+@pytest.mark.parametrize("guidance_scale, batch_cfg, branches", [
+    (6.0, False, ["cond", "uncond"]), (6.0, True, ["both"]), (1.0, False, ["cond"]),
+])  # fmt: skip
+def test_dit_hook_sees_every_dit_call(pipe, guidance_scale, batch_cfg, branches):
+    calls = []
+
+    def count(call: DiTCall) -> torch.Tensor:
+        calls.append((call.step, call.sigma, call.branch, len(call.latents), len(call.text.features)))
+        return call()
+
+    kw = dict(guidance_scale=guidance_scale, batch_cfg=batch_cfg, output_type="latent", **SMALL)
+    hooked = pipe("a cat", seed=4, dit_hook=count, **kw).frames
+    assert torch.equal(hooked, pipe("a cat", seed=4, **kw).frames)  # a hook that only counts changes nothing
+    rows = 2 if batch_cfg else 1
+    sigmas = linear_quadratic_schedule(3)
+    assert calls == [(i, sigmas[i], b, rows, rows) for i in range(3) for b in branches]
+
+
+def test_dit_hook_replacing_the_velocity_changes_the_result(pipe):
+    # Zero velocity: the sampler never moves, so the "video" is the seed's noise itself.
+    still = pipe("a cat", seed=4, output_type="latent", dit_hook=lambda call: torch.zeros_like(call.latents), **SMALL)
+    assert torch.equal(still.frames, get_noise(1, 13, 32, 48, seed=4))
+    # A step cache: run the DiT at steps 0 and 2 only, reusing step 0's velocities (per branch) at step 1.
+    cache, ran = {}, []
+
+    def reuse(call: DiTCall) -> torch.Tensor:
+        if call.step != 1:
+            ran.append(call.step)
+            cache[call.branch] = call()
+        return cache[call.branch]
+
+    cached = pipe("a cat", seed=4, output_type="latent", dit_hook=reuse, **SMALL).frames
+    assert ran == [0, 0, 2, 2]
+    assert not torch.equal(cached, pipe("a cat", seed=4, output_type="latent", **SMALL).frames)
+
+
+def test_prepare_sample_decode_compose_to_a_call(pipe):
+    request = pipe.prepare("a cat", height=32, width=48, num_frames=13, num_inference_steps=3, seed=6)
+    assert isinstance(request.cond, TextCondition) and request.seed == 6 and len(request.guidance) == 3
+    frames = pipe.decode(pipe.sample(request, progress=False))
+    assert np.array_equal(frames, pipe("a cat", seed=6, **SMALL).frames)
+
+
+def test_seed_is_reported_and_drawn_when_not_given(pipe):
+    drawn = pipe("a cat", output_type="latent", **SMALL)
+    assert isinstance(drawn.seed, int) and drawn.seed >= 0
+    again = pipe("a cat", seed=drawn.seed, output_type="latent", **SMALL)
+    assert again.seed == drawn.seed and torch.equal(again.frames, drawn.frames)
+    g = torch.Generator().manual_seed(drawn.seed)
+    assert pipe("a cat", generator=g, output_type="latent", **SMALL).seed is None
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
@@ -90,7 +149,7 @@ def test_callback_sees_every_step(pipe):
         (dict(height=40), r"height=40 is not a multiple of 16 .*nearest valid: \[32, 48\]"),
         (dict(width=8), r"width=8 .*nearest valid: \[16\]"),
         (dict(num_inference_steps=0), "num_inference_steps must be between 1 and 1000"),
-        (dict(guidance_scale=-1.0), r"guidance_scale must lie in \[0, 50\]"),
+        (dict(guidance_scale=-1.0), r"guidance_scale must be between 0 and 50"),
         (dict(output_type="gif"), "output_type must be one of"),
     ],
 )

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from mochi_preview.sampling import check_sigmas, denoise, get_noise, linear_quadratic_schedule
+from mochi_preview.sampling import DiTCall, TextCondition, check_sigmas, denoise, get_noise, linear_quadratic_schedule
 
 # The 65 published sigmas of the default 64-step schedule (spec 5.1), to the 6 decimals given there.
 PUBLISHED_64 = [
@@ -77,14 +77,14 @@ def test_euler_with_constant_velocity_lands_on_target():
     # v = z0 - noise is constant along the straight flow path: Euler is exact for it, whatever the schedule.
     z0, noise = torch.randn(1, 2, 3), torch.randn(1, 2, 3)
     model = lambda z, sigma, feats, mask: (z0 - noise).expand_as(z)
-    out = denoise(model, noise, linear_quadratic_schedule(7), cond=(None, None), uncond=None)
+    out = denoise(model, noise, linear_quadratic_schedule(7), cond=TextCondition(None, None), uncond=None)
     assert torch.allclose(out, z0, atol=1e-6)
 
 
 def test_cfg_uses_per_step_scales():
     # cond velocity 1, uncond 0 -> guided velocity = scale; with sigmas [1, .5, 0] z moves by .5*s0 + .5*s1.
     model = lambda z, sigma, feats, mask: torch.full_like(z, float(feats))
-    cond, uncond = (torch.tensor(1.0), None), (torch.tensor(0.0), None)
+    cond, uncond = TextCondition(torch.tensor(1.0), None), TextCondition(torch.tensor(0.0), None)
     out = denoise(model, torch.zeros(1, 1), [1.0, 0.5, 0.0], cond, uncond, guidance=[2.0, 6.0])
     assert out.item() == pytest.approx(0.5 * 2.0 + 0.5 * 6.0)
     with pytest.raises(ValueError, match="guidance has 3 values but there are 2 steps"):
@@ -98,5 +98,66 @@ def test_sampler_state_stays_fp32_with_a_bf16_model():
         seen.append((z.dtype, sigma.dtype))
         return torch.ones_like(z, dtype=torch.bfloat16)
 
-    out = denoise(model, torch.zeros(1, 4, dtype=torch.float32), [1.0, 0.3, 0.0], (None, None))
+    out = denoise(model, torch.zeros(1, 4, dtype=torch.float32), [1.0, 0.3, 0.0], TextCondition(None, None))
     assert out.dtype == torch.float32 and set(seen) == {(torch.float32, torch.float32)}
+
+
+def text(value: float, length: int = 2) -> TextCondition:
+    """A one-prompt condition whose features all equal `value` (a toy model reads it back)."""
+    return TextCondition(torch.full((1, length, 1), value), torch.ones(1, length, dtype=torch.bool))
+
+
+def toy_model(z, sigma, feats, mask):
+    """Velocity = the row's text value (cond 1, uncond 0), whatever the latents."""
+    return feats[:, :1, :1, None].expand_as(z).clone()
+
+
+@pytest.mark.parametrize("batch_cfg", [False, True])
+def test_dit_hook_sees_every_model_call(batch_cfg):
+    calls = []
+
+    def hook(call: DiTCall) -> torch.Tensor:
+        calls.append((call.step, call.sigma, call.branch, len(call.latents), tuple(call.text.mask.shape)))
+        return call()
+
+    sigmas, z = [1.0, 0.6, 0.0], torch.zeros(1, 1, 1, 1)
+    plain = denoise(toy_model, z, sigmas, text(1.0), text(0.0, 3), guidance=4.0, batch_cfg=batch_cfg)
+    hooked = denoise(toy_model, z, sigmas, text(1.0), text(0.0, 3), guidance=4.0, batch_cfg=batch_cfg, dit_hook=hook)
+    assert torch.equal(plain, hooked) and plain.item() == pytest.approx(4.0)
+    if batch_cfg:  # one call per step on [cond; uncond], the texts padded to one length
+        assert calls == [(0, 1.0, "both", 2, (2, 3)), (1, 0.6, "both", 2, (2, 3))]
+    else:
+        assert calls == [
+            (0, 1.0, "cond", 1, (1, 2)),
+            (0, 1.0, "uncond", 1, (1, 3)),
+            (1, 0.6, "cond", 1, (1, 2)),
+            (1, 0.6, "uncond", 1, (1, 3)),
+        ]
+    calls.clear()
+    denoise(toy_model, z, sigmas, text(1.0), text(0.0), guidance=[1.0, 4.0], batch_cfg=batch_cfg, dit_hook=hook)
+    branches = [(step, branch) for step, _, branch, _, _ in calls]
+    assert branches == [
+        (0, "cond"),
+        *([(1, "both")] if batch_cfg else [(1, "cond"), (1, "uncond")]),
+    ]  # scale 1: cond only
+
+
+def test_dit_hook_can_replace_the_velocity_or_edit_the_inputs():
+    sigmas, z = [1.0, 0.5, 0.0], torch.zeros(1, 1, 1, 1)
+    # A step cache: run the model at even steps, reuse each branch's velocity at odd steps.
+    cache, runs = {}, []
+
+    def reuse(call: DiTCall) -> torch.Tensor:
+        if call.step % 2 == 0:
+            runs.append(call.step)
+            cache[call.branch] = call()
+        return cache[call.branch]
+
+    out = denoise(toy_model, z, sigmas, text(1.0), text(0.0), guidance=3.0, dit_hook=reuse)
+    assert runs == [0, 0] and out.item() == pytest.approx(3.0)
+    # Replaced velocities: 2 on the cond branch and 0 on the uncond one give 3 * 2 = 6 per unit of sigma.
+    replace = lambda call: torch.full_like(call.latents, 2.0 if call.branch == "cond" else 0.0)
+    assert denoise(toy_model, z, sigmas, text(1.0), text(0.0), guidance=3.0, dit_hook=replace).item() == 6.0
+    # Edited inputs: the cond branch runs on another text (value 5): the guided velocity is 3 * 5.
+    edit = lambda call: call(text=text(5.0)) if call.branch == "cond" else call()
+    assert denoise(toy_model, z, sigmas, text(1.0), text(0.0), guidance=3.0, dit_hook=edit).item() == 15.0

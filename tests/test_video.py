@@ -162,3 +162,16 @@ def test_write_json_atomic(tmp_path):
     with pytest.raises(TypeError):
         write_json_atomic(tmp_path / "bad.json", {"x": object()})
     assert sorted(os.listdir(tmp_path)) == ["run.json"]
+
+
+def test_writes_go_through_the_one_atomic_writer(tmp_path, monkeypatch):
+    """video.py has no writer of its own: MP4s and JSON are published by files.write_atomic."""
+    from mochi_preview import files
+
+    assert not hasattr(video, "_write_atomic") and not hasattr(video, "_publish")
+    seen = []
+    real = files.write_atomic
+    monkeypatch.setattr(video, "write_atomic", lambda path, write, **kw: seen.append(path) or real(path, write, **kw))
+    export_to_video(smooth_frames(3), tmp_path / "a.mp4")
+    write_json_atomic(tmp_path / "a.json", {})
+    assert seen == [tmp_path / "a.mp4", tmp_path / "a.json"]

@@ -4,16 +4,18 @@ __version__ = "0.1.0"
 
 from .dit import AsymmDiT, DiTConfig, load_dit
 from .pipeline import MochiOutput, MochiPipeline
-from .sampling import denoise, get_noise, linear_quadratic_schedule
+from .sampling import DiTCall, TextCondition, denoise, get_noise, linear_quadratic_schedule
 from .text import TextEncoder
 from .vae import denormalize_latents, load_vae_decoder, load_vae_encoder, normalize_latents
 from .video import export_to_video, read_video
 
 __all__ = [
     "AsymmDiT",
+    "DiTCall",
     "DiTConfig",
     "MochiOutput",
     "MochiPipeline",
+    "TextCondition",
     "TextEncoder",
     "denoise",
     "denormalize_latents",

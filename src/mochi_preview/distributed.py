@@ -4,7 +4,8 @@
   tokens (zero tokens pad the last rank). Around attention, an all-to-all swaps tokens for heads: every rank attends
   over all N real tokens for H / G heads (the padding is cut before attention and restored after it, so it never
   serves as a key), then a second all-to-all swaps back. Text tokens, the conditioning and the text stream are
-  replicated; the final visual outputs are all-gathered.
+  replicated; the final visual outputs are all-gathered. The DiT gets this as its token layout (dit/tokens.py):
+  `dit.set_token_layout(cp.token_layout())`.
 * CFG parallelism: with `cfg_parallel` and an even world size, ranks [0, N/2) run the conditional pass and
   [N/2, N) the unconditional one, each half a sequence group of N/2; rank i and rank i + N/2 swap velocities.
 * Weights: replicated by default; `shard_dit` keeps block i only on rank i mod N, broadcast just before it runs.
@@ -31,6 +32,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+
+from .dit.tokens import TokenLayout
 
 DEFAULT_TIMEOUT = 600.0  # seconds a collective may wait for a peer before it fails
 FAILED_KEY = "mochi_preview/failed"  # store key holding "<rank>:<message>" of the first rank that failed
@@ -69,7 +72,7 @@ def launched_world_size() -> int:
 
 
 class ContextParallel:
-    """The ranks of `group` making one video: token/head split for the DiT, CFG halves, failure propagation."""
+    """The ranks of `group` making one video: the DiT's token layout, CFG halves, failure propagation."""
 
     def __init__(self, group: dist.ProcessGroup | None = None, cfg_parallel: bool | None = None, device=None):
         """`cfg_parallel` None: on when the rank count is even (one all-gather per step instead of two passes)."""
@@ -115,41 +118,17 @@ class ContextParallel:
 
     # ---- sequence parallelism ------------------------------------------------------------------------------
 
-    def split_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, N, D) -> (B, M, D): this rank's contiguous share, M = ceil(N / G); the last rank's tail is zeros."""
-        m = -(-x.shape[1] // self.seq_size)
-        x = F.pad(x, (0, 0, 0, m * self.seq_size - x.shape[1]))
-        return x[:, self.seq_rank * m : (self.seq_rank + 1) * m]
+    def token_layout(self) -> TokenLayout:
+        """What the DiT shares with the other ranks of its sequence group (`AsymmDiT.set_token_layout`): nothing
+        (the one-process layout) when each CFG half is one rank, else its tokens and heads (`SequenceParallel`)."""
+        return SequenceParallel(self) if self.seq_size > 1 else TokenLayout()
 
-    def local_heads(self, t: torch.Tensor, dim: int) -> torch.Tensor:
-        """This rank's H / G heads of a tensor with a heads axis at `dim`."""
-        return t.chunk(self.seq_size, dim=dim)[self.seq_rank]
-
-    def tokens_to_heads(self, qkv: torch.Tensor, num_tokens: int) -> torch.Tensor:
-        """(B, M, 3 H d) on local tokens -> (B, N, 3 (H/G) d) on all N real tokens for this rank's heads."""
-        send = rearrange(qkv, "b m (three g hd) -> g b m three hd", three=3, g=self.seq_size).contiguous()
-        recv = self._all_to_all(send)  # chunk g: rank g's tokens for our heads
-        return rearrange(recv, "g b m three hd -> b (g m) (three hd)")[:, :num_tokens]
-
-    def heads_to_tokens(self, out: torch.Tensor) -> torch.Tensor:
-        """(B, N, (H/G) d) for this rank's heads -> (B, M, H d) for this rank's tokens."""
-        m = -(-out.shape[1] // self.seq_size)
-        out = F.pad(out, (0, 0, 0, m * self.seq_size - out.shape[1]))  # padding tokens come back as zeros
-        recv = self._all_to_all(rearrange(out, "b (g m) hd -> g b m hd", g=self.seq_size).contiguous())
-        return rearrange(recv, "g b m hd -> b m (g hd)")  # chunk g: our tokens for rank g's heads
-
-    def gather_heads(self, t: torch.Tensor) -> torch.Tensor:
-        """(B, L, (H/G) d) -> (B, L, H d): every rank's heads, in head order."""
-        return torch.cat(self.all_gather(t, self.seq_group), dim=-1)
-
-    def gather_tokens(self, x: torch.Tensor, num_tokens: int) -> torch.Tensor:
-        """(B, M, D) -> (B, N, D): every rank's tokens in order, padding dropped."""
-        return torch.cat(self.all_gather(x, self.seq_group), dim=1)[:, :num_tokens]
-
-    def _all_to_all(self, send: torch.Tensor) -> torch.Tensor:
+    def all_to_all(self, send: torch.Tensor, group) -> torch.Tensor:
+        """Chunk g of `send`'s first axis goes to rank g of `group`; chunk g of the result came from rank g."""
         recv = torch.empty_like(send)
-        dist.all_to_all_single(recv, send, group=self.seq_group)  # chunk g of dim 0 goes to rank g
-        self.bytes_sent += send.nbytes * (self.seq_size - 1) // self.seq_size
+        dist.all_to_all_single(recv, send, group=group)
+        size = dist.get_world_size(group)
+        self.bytes_sent += send.nbytes * (size - 1) // size
         return recv
 
     def all_gather(self, t: torch.Tensor, group) -> list[torch.Tensor]:
@@ -206,6 +185,48 @@ class ContextParallel:
         box = [obj]
         dist.broadcast_object_list(box, src=self.global_ranks[0], group=self.group)
         return box[0]
+
+
+class SequenceParallel(TokenLayout):
+    """Ulysses token layout over a sequence group of G ranks: M = ceil(N / G) tokens per rank, H / G heads each.
+
+    The last rank's share is padded with zero tokens; the padding is cut before attention and restored after it,
+    so it never serves as a key.
+    """
+
+    def __init__(self, cp: ContextParallel):
+        self.cp = cp
+        self.size, self.rank = cp.seq_size, cp.seq_rank
+
+    def _share(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.size)  # M = ceil(N / G)
+
+    def _pad(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N, D) -> (B, G M, D) with zero tokens at the end."""
+        return F.pad(x, (0, 0, 0, self._share(x.shape[1]) * self.size - x.shape[1]))
+
+    def split_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        m = self._share(x.shape[1])
+        return self._pad(x)[:, self.rank * m : (self.rank + 1) * m]
+
+    def tokens_to_heads(self, qkv: torch.Tensor, num_tokens: int) -> torch.Tensor:
+        send = rearrange(qkv, "b m (three g hd) -> g b m three hd", three=3, g=self.size).contiguous()
+        recv = self.cp.all_to_all(send, self.cp.seq_group)  # chunk g: rank g's tokens for our heads
+        return rearrange(recv, "g b m three hd -> b (g m) (three hd)")[:, :num_tokens]
+
+    def heads_to_tokens(self, out: torch.Tensor) -> torch.Tensor:
+        send = rearrange(self._pad(out), "b (g m) hd -> g b m hd", g=self.size).contiguous()  # padding: zeros
+        recv = self.cp.all_to_all(send, self.cp.seq_group)  # chunk g: our tokens for rank g's heads
+        return rearrange(recv, "g b m hd -> b m (g hd)")
+
+    def local_heads(self, t: torch.Tensor, dim: int) -> torch.Tensor:
+        return t.chunk(self.size, dim=dim)[self.rank]
+
+    def gather_heads(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.cat(self.cp.all_gather(t, self.cp.seq_group), dim=-1)
+
+    def gather_tokens(self, x: torch.Tensor, num_tokens: int) -> torch.Tensor:
+        return torch.cat(self.cp.all_gather(x, self.cp.seq_group), dim=1)[:, :num_tokens]
 
 
 def _describe(e: BaseException) -> str:
@@ -306,26 +327,9 @@ def load_dit_sharded(
     path: str | Path, cp: ContextParallel, dtype: torch.dtype = torch.bfloat16, attention_backend: str = "sdpa"
 ) -> nn.Module:
     """Load a DiT reading only this rank's blocks (and the small shared layers) from the checkpoint, onto cp.device."""
-    from .dit import AsymmDiT
-    from .dit.weights import infer_dit_config, open_dit_checkpoint
-    from .weights import CheckpointError, Recipe, native_shapes
+    from .dit import load_dit
 
-    files, layout, name = open_dit_checkpoint(path)
-    cfg = infer_dit_config(native_shapes(files, layout))
-    with torch.device("meta"):
-        model = AsymmDiT(cfg, attention_backend=attention_backend)
-    fp32 = set(model.fp32_parameter_names())
-    state = {}
-    for key, meta in model.state_dict().items():
-        parts = key.split(".")
-        target = torch.float32 if key in fp32 else dtype
-        if parts[0] == "blocks" and int(parts[1]) % cp.world_size != cp.rank:
-            # Another rank's block: never read; a meta tensor of the right dtype until shard_dit drops it.
-            state[key] = torch.empty_like(meta, dtype=target)
-            continue
-        recipe = layout.get(key, Recipe((key,)))
-        if missing := [k for k in recipe.sources if k not in files]:
-            raise CheckpointError(f"DiT checkpoint {path} ({name}) lacks {missing} for {key!r}")
-        state[key] = recipe.build(files.get, target).to(cp.device)
-    model.load_state_dict(state, strict=True, assign=True)
-    return shard_dit(model.eval().requires_grad_(False), cp)
+    mine = lambda i: i % cp.world_size == cp.rank  # block i lives on rank i mod N (BlockSharding)
+    return shard_dit(
+        load_dit(path, dtype=dtype, device=cp.device, attention_backend=attention_backend, keep_block=mine), cp
+    )

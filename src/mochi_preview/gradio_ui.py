@@ -8,11 +8,13 @@ The pipeline is loaded once at startup; one generation runs at a time and at mos
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
-import math
 import os
-import random
+import secrets
 import sys
+from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before importing gradio: no calls home
@@ -21,73 +23,76 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import gradio as gr  # noqa: E402
 
 from . import infer  # noqa: E402
+from . import settings as table  # noqa: E402
 from .pipeline import DeviceMemoryError, MochiPipeline, NonFiniteLatentsError  # noqa: E402
+from .settings import SETTINGS, Settings  # noqa: E402
 from .tiny import DEMO_MODEL_DIR  # noqa: E402
 
 # What the user can get wrong (settings, memory, NaNs, files): shown as a message in the page, never as a traceback.
 USER_ERRORS = (ValueError, OSError, NonFiniteLatentsError, DeviceMemoryError)
-# The form's fields, in the order the handler takes them.
-FORM = ("prompt", "negative_prompt", "width", "height", "num_frames", "seed", "random_seed", "cfg_scale", "num_steps",
-        "threshold_noise", "linear_steps")  # fmt: skip
+RANDOM_SEED = "random_seed"  # the form's one field that is not a setting: draw a new seed each time
+# The form's fields (the settings' file names, as in sweep files and sidecars), in the order the handler takes them.
+FORM = tuple(k for s in SETTINGS for k in ((s.file, RANDOM_SEED) if s.api == "seed" else (s.file,)))
+SECTIONS = {"size": "row", "seed": "row", "sampling": "row", "advanced": "Advanced"}  # ui_group -> how it is laid out
 
 
-def _number(name: str, value, whole: bool = False, optional: bool = False) -> float | int | None:
-    """A form field as a number: empty only where optional, finite, and never silently rounded."""
-    if value is None or value == "":
-        if optional:
-            return None
-        raise ValueError(f"{name} is empty; enter a number")
-    value = float(value)
-    if not math.isfinite(value) or (whole and value != int(value)):
-        raise ValueError(f"{name} must be a {'whole' if whole else 'finite'} number; got {value}")
-    return int(value) if whole else value
+def read_form(values: dict) -> Settings:
+    """The form's values (keyed as FORM) as checked `Settings`; errors name the form's labels.
+
+    "Random seed" (or an empty Seed) draws the seed here, below 2**32: a browser shows numbers above 2**53 rounded,
+    so a seed the page shows must be one the page can give back.
+    """
+    s = Settings().updated({k: v for k, v in values.items() if k != RANDOM_SEED}, "ui")
+    if values.get(RANDOM_SEED) or s.seed is None:
+        s = replace(s, seed=secrets.randbelow(2**32))
+    return s.check("ui")
 
 
-def read_form(values: dict) -> infer.Settings:
-    """The form's values as checked CLI `Settings` (a random seed drawn here when asked for)."""
-    seed = random.randrange(2**32) if values["random_seed"] else _number("seed", values["seed"], whole=True)
-    if not 0 <= seed < 2**64:
-        raise ValueError(f"seed must be between 0 and 2**64 - 1; got {seed}")
-    return infer.Settings(
-        prompt=values["prompt"] or "",
-        negative_prompt=values["negative_prompt"] or "",
-        width=_number("width", values["width"], whole=True),
-        height=_number("height", values["height"], whole=True),
-        num_frames=_number("number of frames", values["num_frames"], whole=True),
-        seed=seed,
-        cfg_scale=_number("CFG scale", values["cfg_scale"]),
-        num_steps=_number("steps", values["num_steps"], whole=True),
-        threshold_noise=_number("threshold noise", values["threshold_noise"]),
-        linear_steps=_number("linear steps", values["linear_steps"], whole=True, optional=True),
-    ).check()
+def make_handler(pipe: MochiPipeline, out_dir: Path, options: infer.RunOptions):
+    """The Generate button's function: form values in (FORM's order); (video path, sidecar dict, seed used) out,
+    or a gr.Error with the message."""
 
-
-def make_handler(pipe: MochiPipeline, args: argparse.Namespace, model_dir: Path):
-    """The Generate button's function: form values in; (video path, sidecar dict, seed used) out, or a gr.Error."""
-
-    # Named parameters, not *values: gradio finds gr.Progress only among positional parameters.
-    def generate(prompt, negative_prompt, width, height, num_frames, seed, random_seed, cfg_scale, num_steps,
-                 threshold_noise, linear_steps, progress=gr.Progress()):  # fmt: skip # noqa: B008 (gradio's idiom)
+    def generate(*values, progress=None):
+        if len(values) == len(FORM) + 1:  # gradio passes its gr.Progress positionally, after the form's values
+            *values, progress = values
+        if progress is None:
+            progress = lambda *a, **k: None  # noqa: E731
         try:
-            s = read_form({k: v for k, v in locals().items() if k in FORM})
-            steps = s.num_steps
+            s = read_form(dict(zip(FORM, values, strict=True)))
+            steps = s.num_inference_steps
 
             def on_step(pipe, i, sigma, state):
                 progress((i + 1, steps), desc="sampling" if i + 1 < steps else "decoding", unit="steps")
 
             progress((0, steps), desc="encoding the prompt", unit="steps")
-            video = infer.generate(pipe, s, args, infer.new_output_path(args.out_dir), model_dir, callback=on_step)
+            video = infer.generate(pipe, s, infer.new_output_path(out_dir), options, callback=on_step)
         except USER_ERRORS as e:
             print(f"error: {e}", file=sys.stderr)
             raise gr.Error(str(e), print_exception=False) from e
-        return str(video), json.loads(video.with_suffix(".json").read_text()), s.seed
+        record = json.loads(video.with_suffix(".json").read_text())
+        return str(video), record, record["seed"]
 
+    # gradio reads a function's parameters to pass the form's values and finds gr.Progress by a parameter's default
+    # value; this signature names one parameter per form field (as the API docs show them), then `progress`.
+    P = inspect.Parameter
+    params = [P(k, P.POSITIONAL_OR_KEYWORD) for k in FORM] + [
+        P("progress", P.POSITIONAL_OR_KEYWORD, default=gr.Progress())
+    ]
+    generate.__signature__ = inspect.Signature(params)
     return generate
 
 
+def _input(s: table.Setting, value) -> gr.components.Component:
+    """The form's input for one setting: its label, initial value and hints all come from the settings table."""
+    if s.kind is str:
+        return gr.Textbox(value, label=s.label, **s.ui)
+    return gr.Number(value, label=s.label, **s.ui)
+
+
 def build_ui(pipe: MochiPipeline, args: argparse.Namespace, model_dir: Path) -> gr.Blocks:
-    """The page: settings on the left, the video and its sidecar on the right."""
-    d = infer.settings_from_args(args, infer.model_defaults(model_dir))  # flags > the folder's defaults > CLI's
+    """The page: settings on the left (one input per row of the settings table), the video and its sidecar right."""
+    d = table.from_arguments(args, table.model_defaults(model_dir))  # flags > the folder's defaults > the table's
+    options = infer.RunOptions.from_args(args)
     # gradio serves copies of the videos from its cache; drop copies older than a day (the originals stay in out_dir)
     with gr.Blocks(title="Mochi 1 preview", delete_cache=(3600, 86400)) as demo:
         gr.Markdown(f"## Mochi 1 preview\nModel: `{model_dir}` · videos are saved in `{args.out_dir.resolve()}`")
@@ -97,31 +102,24 @@ def build_ui(pipe: MochiPipeline, args: argparse.Namespace, model_dir: Path) -> 
             gr.Markdown("**No --model_dir given: this model has RANDOM weights; it makes noise, not video.**")
         with gr.Row():
             with gr.Column():
-                form = dict(
-                    prompt=gr.Textbox(d.prompt, label="Prompt", lines=4),
-                    negative_prompt=gr.Textbox(d.negative_prompt, label="Negative prompt", placeholder="(none)"),
-                )
-                with gr.Row():
-                    form["width"] = gr.Number(d.width, label="Width", precision=0, step=16, info="multiple of 16")
-                    form["height"] = gr.Number(d.height, label="Height", precision=0, step=16, info="multiple of 16")
-                    form["num_frames"] = gr.Number(d.num_frames, label="Frames", precision=0, step=6, info="6k+1")
-                with gr.Row():
-                    form["seed"] = gr.Number(d.seed, label="Seed", precision=0)
-                    form["random_seed"] = gr.Checkbox(False, label="Random seed", info="draw a new seed each time")
-                with gr.Row():
-                    form["cfg_scale"] = gr.Number(d.cfg_scale, label="CFG scale", step=0.5, info="1 = no guidance")
-                    form["num_steps"] = gr.Number(d.num_steps, label="Steps", precision=0)
-                with gr.Accordion("Advanced", open=False):
-                    form["threshold_noise"] = gr.Number(d.threshold_noise, label="Threshold noise", step=0.005)
-                    form["linear_steps"] = gr.Number(
-                        d.linear_steps, label="Linear steps", precision=0, info="empty: half the steps"
-                    )
+                form = {}
+                for group in dict.fromkeys(s.ui_group for s in SETTINGS):  # the table's groups, in its order
+                    layout = SECTIONS.get(group)
+                    box = gr.Row() if layout == "row" else gr.Accordion(layout, open=False) if layout else None
+                    with box or nullcontext():
+                        for s in (s for s in SETTINGS if s.ui_group == group):
+                            form[s.file] = _input(s, getattr(d, s.api))
+                            if s.api == "seed":
+                                form[RANDOM_SEED] = gr.Checkbox(
+                                    False, label="Random seed", info="draw a new seed each time"
+                                )
                 button = gr.Button("Generate", variant="primary")
             with gr.Column():
                 video = gr.Video(label="Video", format="mp4", interactive=False, autoplay=True, loop=True)
                 record = gr.JSON(label="Settings (the sidecar JSON)")
         outputs = [video, record, form["seed"]]
-        button.click(make_handler(pipe, args, model_dir), [form[k] for k in FORM], outputs, api_name="generate")
+        handler = make_handler(pipe, args.out_dir, options)
+        button.click(handler, [form[k] for k in FORM], outputs, api_name="generate")
     return demo
 
 
@@ -140,9 +138,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.sweep_file is not None or args.output is not None:
         parser.error("--sweep-file and --output belong to the CLI (python -m mochi_preview.infer)")
+    if args.fps <= 0:
+        parser.error(f"--fps must be a positive number; got {args.fps}")
     try:
-        pipe, model_dir = infer.load_pipeline(args)  # once, before serving: requests never wait for loading
-        infer.settings_from_args(args, infer.model_defaults(model_dir)).check()
+        # the flags are checked before the weights load (slow): a typo is reported at once
+        model_dir = infer.find_model_dir(args.model_dir)
+        table.from_arguments(args, table.model_defaults(model_dir)).check("cli")
+        pipe, model_dir = infer.load_pipeline(args, model_dir)  # once, before serving: requests never wait for it
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -7,71 +7,38 @@ regenerated; files appear complete or not at all, and existing files are never o
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
 import time
+from collections.abc import Sequence
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from . import __version__
+from . import settings as table
 from .distributed import RankFailedError, launched_world_size
-from .pipeline import DeviceMemoryError, MochiPipeline, NonFiniteLatentsError, check_sampling, check_video_size
-from .sampling import linear_quadratic_schedule
+from .pipeline import DeviceMemoryError, MochiPipeline, NonFiniteLatentsError, resolve_model_dir
+from .settings import Settings, model_defaults
 from .video import export_to_video, new_output_path, write_json_atomic
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-DEFAULT_PROMPT = (
-    "A hand with delicate fingers picks up a bright yellow lemon from a wooden bowl filled with lemons and sprigs of "
-    "mint against a peach-colored background. The hand gently tosses the lemon up and catches it, showcasing its "
-    "smooth texture. A beige string bag sits beside the bowl, adding a rustic touch to the scene. Additional lemons, "
-    "one halved, are scattered around the base of the bowl. The even lighting enhances the vibrant colors and "
-    "creates a fresh, inviting atmosphere."
-)
 
 
 @dataclass(frozen=True)
-class Settings:
-    """One generation's settings: what the sidecar records and a sweep line may override."""
+class RunOptions:
+    """How a video is made and written, apart from its settings (so not part of a sweep line's digest)."""
 
-    prompt: str = DEFAULT_PROMPT
-    negative_prompt: str = ""
-    width: int = 848
-    height: int = 480
-    num_frames: int = 163
-    seed: int = 1710977262
-    cfg_scale: float = 6.0
-    num_steps: int = 64
-    threshold_noise: float = 0.025
-    linear_steps: int | None = None
+    fps: float = 30  # frame rate of the MP4
+    batch_cfg: bool = False  # both CFG branches in one batch (more memory)
+    progress: bool = True  # a progress bar on stderr
 
-    def check(self) -> Settings:
-        check_video_size(self.num_frames, self.height, self.width)
-        check_sampling(self.num_steps, self.cfg_scale)
-        linear_quadratic_schedule(self.num_steps, self.threshold_noise, self.linear_steps)  # validates them
-        return self
-
-    @property
-    def sigmas(self) -> list[float]:
-        return linear_quadratic_schedule(self.num_steps, self.threshold_noise, self.linear_steps)
-
-    def digest(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
-
-
-SWEEP_KEYS = {f.name for f in fields(Settings)}
-
-
-def model_defaults(model_dir: Path | None) -> dict:
-    """Defaults a model folder recommends (`mochi_defaults.json`, e.g. the small demo model's 64x64 clips)."""
-    if model_dir is None or not (model_dir / "mochi_defaults.json").is_file():
-        return {}
-    values = json.loads((model_dir / "mochi_defaults.json").read_text())
-    return {k: v for k, v in values.items() if k in SWEEP_KEYS}
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> RunOptions:
+        return cls(fps=args.fps, batch_cfg=args.batch_cfg, progress=not args.quiet)
 
 
 def describe_files(folder: Path) -> dict:
@@ -85,18 +52,8 @@ def describe_files(folder: Path) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    d = Settings()
     p = argparse.ArgumentParser(prog="mochi", description="Generate a video with Mochi 1 preview.")
-    p.add_argument("--prompt", help="what the video shows (default: the model card's lemon prompt)")
-    p.add_argument("--negative_prompt", help='what to steer away from; "" (default) means "no text"')
-    p.add_argument("--width", type=int, help=f"pixels, a multiple of 16 (default {d.width})")
-    p.add_argument("--height", type=int, help=f"pixels, a multiple of 16 (default {d.height})")
-    p.add_argument("--num_frames", type=int, help=f"6k+1 frames, e.g. 31, 85, 163 (default {d.num_frames})")
-    p.add_argument("--seed", type=int, help=f"noise seed; the same seed gives the same video (default {d.seed})")
-    p.add_argument("--cfg_scale", type=float, help=f"classifier-free guidance scale (default {d.cfg_scale})")
-    p.add_argument("--num_steps", type=int, help=f"sampling steps (default {d.num_steps})")
-    p.add_argument("--threshold-noise", dest="threshold_noise", type=float, help="schedule threshold (0.025)")
-    p.add_argument("--linear-steps", dest="linear_steps", type=int, help="linear part of the schedule (steps/2)")
+    table.add_arguments(p)  # --prompt, --width, --cfg_scale, --num_steps ...: from the settings table
     p.add_argument("--model_dir", type=Path, help="weights folder (native or diffusers layout) or a cached Hub id")
     p.add_argument("--t5_dir", type=Path, help="T5 folder, if not inside --model_dir (a google/t5-v1_1-xxl download)")
     p.add_argument(
@@ -133,14 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def settings_from_args(args: argparse.Namespace, defaults: dict) -> Settings:
-    base = replace(Settings(), **defaults)
-    given = {k: getattr(args, k) for k in SWEEP_KEYS if getattr(args, k, None) is not None}
-    return replace(base, **given)
-
-
 def read_sweep(path: Path, base: Settings) -> list[Settings]:
-    """One Settings per non-empty JSONL line; unknown keys and bad values are reported with their line number."""
+    """One checked Settings per non-empty JSONL line (file names: cfg_scale, num_steps ...); an unknown key or a bad
+    value stops everything, naming the line: a sweep is checked whole before any weights load."""
     runs = []
     for number, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
@@ -149,10 +101,8 @@ def read_sweep(path: Path, base: Settings) -> list[Settings]:
             entry = json.loads(line)
         except json.JSONDecodeError as e:
             raise SystemExit(f"{path}:{number}: not valid JSON ({e.msg})") from e
-        if not isinstance(entry, dict) or (unknown := set(entry) - SWEEP_KEYS):
-            raise SystemExit(f"{path}:{number}: unknown keys {sorted(unknown)}; valid: {sorted(SWEEP_KEYS)}")
         try:
-            runs.append(replace(base, **entry).check())
+            runs.append(base.updated(entry, "file").check("file"))
         except ValueError as e:
             raise SystemExit(f"{path}:{number}: {e}") from e
     return runs
@@ -166,12 +116,18 @@ def resolve_dtype(name: str, device: str | None) -> torch.dtype:
     return torch.bfloat16 if on_gpu else torch.float32
 
 
-def load_pipeline(args: argparse.Namespace) -> tuple[MochiPipeline, Path]:
-    model_dir = args.model_dir
+def find_model_dir(model_dir: str | Path | None) -> Path:
+    """The model folder to use (no weights are read): `model_dir` (a folder or a cached Hub id), else the default."""
     if model_dir is None:
         from .tiny import default_model_dir
 
         model_dir = default_model_dir()
+    return resolve_model_dir(model_dir)
+
+
+def load_pipeline(args: argparse.Namespace, model_dir: Path | None = None) -> tuple[MochiPipeline, Path]:
+    """The pipeline the flags ask for, from `model_dir` (default: found from --model_dir); the slow part."""
+    model_dir = model_dir if model_dir is not None else find_model_dir(args.model_dir)
     parallel = launched_world_size() > 1  # started by torchrun with several processes: all work on each video
     if args.shard_dit and not parallel:
         raise ValueError("--shard_dit shares the DiT between processes: run under torchrun --nproc_per_node=N")
@@ -202,35 +158,42 @@ def load_pipeline(args: argparse.Namespace) -> tuple[MochiPipeline, Path]:
 
 
 def generate(
-    pipe: MochiPipeline, s: Settings, args: argparse.Namespace, path: Path | None, model_dir: Path, callback=None
+    pipe: MochiPipeline,
+    settings: Settings,
+    output: Path | None,
+    options: RunOptions = RunOptions(),  # frozen: a shared default is safe
+    callback=None,
 ) -> Path | None:
-    """Generate one video to `path` (+ `.json` sidecar), both written atomically; `callback` as the pipeline's.
+    """Generate one video to `output` (an .mp4 path, + a `.json` sidecar), both written atomically.
 
-    Under torchrun every rank generates and only rank 0 writes (the others get path None).
+    `settings` are checked by the pipeline (callers that can, check them earlier, before loading weights);
+    `seed=None` draws a random seed, which the sidecar records. `callback`: the pipeline's callback_on_step_end.
+    Under torchrun every rank generates and only rank 0 writes (the others pass and get None).
     """
-    sigmas = s.sigmas
     out = pipe(
-        s.prompt,
-        negative_prompt=s.negative_prompt,
-        height=s.height,
-        width=s.width,
-        num_frames=s.num_frames,
-        sigmas=sigmas,
-        guidance_scale=s.cfg_scale,
-        seed=s.seed,
-        batch_cfg=args.batch_cfg,
-        progress=not args.quiet,
+        **settings.pipeline_kwargs(),
+        batch_cfg=options.batch_cfg,
+        progress=options.progress,
         callback_on_step_end=callback,
     )
     if not pipe.is_main_process:
         return None
+    seed = getattr(out, "seed", None)  # the seed the pipeline used (drawn when settings.seed is None)
+    if seed is None:
+        seed = settings.seed
+    if seed is None:
+        raise RuntimeError("the pipeline drew a random seed but did not report it (MochiOutput.seed)")
+    sigmas = settings.sigmas
+    scale = settings.guidance_scale
+    model_dir = Path(pipe.sources["model_dir"])
     record = {
-        **asdict(s),
+        **settings.to_file(),  # under the file names (cfg_scale, num_steps ...), like sweep files
+        "seed": seed,
         "sigmas": sigmas,
-        "cfg_schedule": [s.cfg_scale] * (len(sigmas) - 1),
-        "fps": args.fps,
+        "cfg_schedule": list(scale) if isinstance(scale, Sequence) else [scale] * (len(sigmas) - 1),
+        "fps": options.fps,
         "dtype": str(pipe.dit.dtype).removeprefix("torch."),
-        "t5_dtype": args.t5_dtype,
+        "t5_dtype": _dtype_name(pipe.text_encoder.dtype),
         "model_dir": str(model_dir),
         "text_encoder": pipe.sources.get("text_encoder"),
         "model_files": describe_files(model_dir),
@@ -244,11 +207,16 @@ def generate(
         "peak_memory_bytes": out.peak_memory,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    video = export_to_video(out.frames[0], path, fps=args.fps, metadata={"mochi": json.dumps(record)})
-    write_json_atomic(path.with_suffix(".json"), record)
+    video = export_to_video(out.frames[0], output, fps=options.fps, metadata={"mochi": json.dumps(record)})
+    write_json_atomic(output.with_suffix(".json"), record)
     summary = ", ".join(f"{k} {v:.1f} s / {out.peak_memory.get(k, 0) / 2**30:.2f} GiB" for k, v in out.timings.items())
     print(f"wrote {video} ({summary})", file=sys.stderr)
     return video
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    """The --dtype / --t5_dtype name of a dtype (bf16, fp32), or torch's name for others."""
+    return next((k for k, v in DTYPES.items() if v == dtype), str(dtype).removeprefix("torch."))
 
 
 def guarded(pipe: MochiPipeline):
@@ -257,20 +225,27 @@ def guarded(pipe: MochiPipeline):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.output is not None and args.output.exists():
         raise SystemExit(f"{args.output} exists; not overwriting it (choose another --output)")
     if args.output is not None and args.sweep_file is not None:
         raise SystemExit("--output names one file; with --sweep-file use --out_dir")
+    if args.fps <= 0:
+        parser.error(f"--fps must be a positive number; got {args.fps}")
+    options = RunOptions.from_args(args)
     try:
-        pipe, model_dir = load_pipeline(args)
-        base = settings_from_args(args, model_defaults(model_dir))
+        # Everything the user asked for is checked before any weights load: find the folder and its defaults
+        # (cheap), apply the flags, check; only then load (slow).
+        model_dir = find_model_dir(args.model_dir)
+        base = table.from_arguments(args, model_defaults(model_dir))
+        runs = read_sweep(args.sweep_file, base) if args.sweep_file is not None else [base.check("cli")]
+        pipe, model_dir = load_pipeline(args, model_dir)
         if args.sweep_file is None:
             path = (args.output or new_output_path(args.out_dir)) if pipe.is_main_process else None
             with guarded(pipe):
-                generate(pipe, base.check(), args, path, model_dir)
+                generate(pipe, runs[0], path, options)
             return 0
-        runs = read_sweep(args.sweep_file, base)
         if pipe.is_main_process:
             args.out_dir.mkdir(parents=True, exist_ok=True)
         for i, s in enumerate(runs):
@@ -283,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"skip {i}: {path} exists", file=sys.stderr)
                 continue
             with guarded(pipe):
-                generate(pipe, s, args, path if pipe.is_main_process else None, model_dir)
+                generate(pipe, s, path if pipe.is_main_process else None, options)
         return 0
     except RankFailedError as e:  # another process of the torchrun job failed first: name it, no trace
         print(f"error: {e}", file=sys.stderr)

@@ -1,5 +1,15 @@
 """MochiPipeline: prompt -> T5 -> Euler/CFG sampling with the DiT -> VAE decode -> frames.
 
+`pipe(prompt, ...)` is three steps, each callable on its own:
+
+    request = pipe.prepare(prompt, ...)  # check the settings, draw the initial noise, encode the prompts
+    latents = pipe.sample(request)       # the Euler/CFG loop with the DiT (sampling.denoise)
+    frames = pipe.decode(latents)        # the VAE decoder, then frames in [0, 1]
+
+Hooks: `callback_on_step_end(pipe, i, sigma, {"latents": z})` runs after each step and may return {"latents": new};
+`dit_hook(call)` wraps each DiT call (a `sampling.DiTCall`) and returns its velocity: it may count calls, return a
+cached velocity instead of running the DiT, or run it on edited inputs (`call(latents=..., text=...)`).
+
 Memory modes: everything resident (default); `enable_model_cpu_offload()` keeps each component on the CPU and
 moves it to the device only while it runs; `enable_sequential_cpu_offload()` also streams the DiT's blocks to the
 device one at a time, so the DiT never has to fit at once; `enable_vae_tiling()` decodes in tiles and time chunks.
@@ -9,7 +19,7 @@ every rank of a process group work on each video (see `distributed.py`).
 
 from __future__ import annotations
 
-import math
+import secrets
 import time
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager, nullcontext
@@ -22,11 +32,24 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .dit import AsymmDiT, load_dit
-from .sampling import check_sigmas, denoise, get_noise, latent_shape, linear_quadratic_schedule
+from .geometry import MOCHI
+from .sampling import (
+    DiTHook,
+    TextCondition,
+    check_sigmas,
+    denoise,
+    get_noise,
+    guidance_per_step,
+    linear_quadratic_schedule,
+)
+from .settings import Settings
 from .text import TextEncoder
 from .vae import denormalize_latents, load_latent_stats, load_vae_decoder
+from .vae.decode import decode as vae_decode
 
-OUTPUT_TYPES = ("np", "pt", "pil", "latent")
+VIDEO_TYPES = ("np", "pt", "pil")  # what `decode` makes
+OUTPUT_TYPES = (*VIDEO_TYPES, "latent")
+SEED_BITS = 53  # random seeds stay exact as JSON numbers read by JavaScript (the web UI) and as float64
 
 
 class NonFiniteLatentsError(RuntimeError):
@@ -37,62 +60,30 @@ class DeviceMemoryError(RuntimeError):
     """The device ran out of memory; the message suggests the memory modes that would fit."""
 
 
-def _nearest(value: int, multiple: int, offset: int = 0, minimum: int = 1) -> list[int]:
-    """The valid values (multiple * k + offset, at least `minimum`) just below and above `value`."""
-    below = (value - offset) // multiple * multiple + offset
-    return sorted({v for v in (below, below + multiple) if v >= minimum}) or [minimum]
-
-
-def check_video_size(num_frames: int, height: int, width: int) -> None:
-    """Mochi makes 6k + 1 frames of multiples of 16 pixels; anything else is refused with the nearest valid values."""
-    problems = []
-    if num_frames < 1 or (num_frames - 1) % 6:
-        near = _nearest(num_frames, 6, offset=1)
-        problems.append(f"num_frames={num_frames} is not of the form 6k+1 (nearest valid: {near})")
-    for name, v in (("height", height), ("width", width)):
-        if v < 16 or v % 16:
-            near = _nearest(v, 16, minimum=16)
-            problems.append(f"{name}={v} is not a multiple of 16 of at least 16 (nearest valid: {near})")
-    if problems:
-        raise ValueError("; ".join(problems))
-
-
-def check_sampling(num_inference_steps: int, guidance_scale: float | Sequence[float]) -> None:
-    if not 1 <= num_inference_steps <= 1000:
-        raise ValueError(f"num_inference_steps must be between 1 and 1000; got {num_inference_steps}")
-    scales = [guidance_scale] if isinstance(guidance_scale, (int, float)) else list(guidance_scale)
-    if any(not (0.0 <= float(g) <= 50.0) or math.isnan(float(g)) for g in scales):
-        raise ValueError(f"guidance_scale must lie in [0, 50] (1 = no guidance; 4.5-6 typical); got {guidance_scale}")
-
-
 @dataclass
 class MochiOutput:
-    """Videos: `frames[0]` is the first video ((T, H, W, 3) floats in [0, 1] for output_type="np")."""
+    """Videos: `frames[0]` is the first video ((T, H, W, 3) floats in [0, 1] for output_type="np").
+
+    `seed` made the initial noise: the one given, or the one drawn when neither a seed, a generator nor latents were
+    given; None when the noise came from a generator or from given latents.
+    """
 
     frames: object
+    seed: int | None = None
     timings: dict[str, float] = field(default_factory=dict)
     peak_memory: dict[str, int] = field(default_factory=dict)
 
 
-def _stream_blocks(blocks: nn.ModuleList, device: torch.device) -> list:
-    """Move each block to `device` just before it runs and back to the CPU right after."""
+@dataclass(frozen=True)
+class Request:
+    """A checked generation request with its prompts encoded: what `prepare` makes and `sample` runs."""
 
-    def load(module, args):
-        module.to(device)
-
-    def unload(module, args, output):
-        module.to("cpu")
-
-    return [h for b in blocks for h in (b.register_forward_pre_hook(load), b.register_forward_hook(unload))]
-
-
-def _blocks(part) -> nn.ModuleList | None:
-    """The repeated blocks that sequential offload streams: the DiT's, and T5's (about 19 GB in fp32)."""
-    if isinstance(part, AsymmDiT):
-        return part.blocks
-    if isinstance(part, TextEncoder) and part.model is not None:
-        return part.model.encoder.block
-    return None
+    latents: torch.Tensor  # the initial noise (B, 12, T, H/8, W/8), fp32
+    sigmas: list[float]  # num_steps + 1 noise levels, from 1 (pure noise) down to 0 (clean)
+    guidance: list[float]  # one CFG scale per step
+    cond: TextCondition  # the prompts
+    uncond: TextCondition | None  # the negative prompts; None when no step uses guidance (all scales 1)
+    seed: int | None  # see MochiOutput.seed
 
 
 class MochiPipeline:
@@ -174,6 +165,187 @@ class MochiPipeline:
         pipe.latent_stats = load_latent_stats(folder)
         return pipe._use_context_parallel(cp) if cp is not None else pipe
 
+    # ---- generation ----------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] = "",
+        height: int = 480,
+        width: int = 848,
+        num_frames: int = 31,
+        num_inference_steps: int = 64,
+        guidance_scale: float | Sequence[float] = 6.0,
+        sigmas: Sequence[float] | None = None,
+        threshold_noise: float = 0.025,
+        linear_steps: int | None = None,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "np",
+        callback_on_step_end: Callable | None = None,
+        batch_cfg: bool = False,
+        progress: bool = True,
+        dit_hook: DiTHook | None = None,
+    ) -> MochiOutput:
+        """Generate videos: `prepare`, `sample`, then `decode` (see each for its arguments).
+
+        `output_type`: "np" (B, T, H, W, 3) floats in [0, 1], "pt" (B, T, 3, H, W), "pil" lists of images, or
+        "latent" (the DiT's latents, not decoded). `progress`: a progress bar over the steps.
+        """
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}; got {output_type!r}")
+        timings, peaks = {}, {}
+        with self._stage("text", timings, peaks):
+            request = self.prepare(
+                prompt,
+                negative_prompt,
+                height=height,
+                width=width,
+                num_frames=num_frames,
+                num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale,
+                sigmas=sigmas,
+                threshold_noise=threshold_noise,
+                linear_steps=linear_steps,
+                seed=seed,
+                generator=generator,
+                latents=latents,
+            )
+        with self._stage("dit", timings, peaks):
+            latents = self.sample(request, batch_cfg, callback_on_step_end, dit_hook, progress)
+        if output_type == "latent":
+            return MochiOutput(frames=latents, seed=request.seed, timings=timings, peak_memory=peaks)
+        with self._stage("vae", timings, peaks):
+            frames = self.decode(latents, output_type)
+        return MochiOutput(frames=frames, seed=request.seed, timings=timings, peak_memory=peaks)
+
+    @torch.inference_mode()
+    def prepare(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] = "",
+        height: int = 480,
+        width: int = 848,
+        num_frames: int = 31,
+        num_inference_steps: int = 64,
+        guidance_scale: float | Sequence[float] = 6.0,
+        sigmas: Sequence[float] | None = None,
+        threshold_noise: float = 0.025,
+        linear_steps: int | None = None,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+        latents: torch.Tensor | None = None,
+    ) -> Request:
+        """Check a request, make its initial noise and encode its prompts (with the negative ones when guided).
+
+        `sigmas` replaces the linear-quadratic schedule (`threshold_noise`, `linear_steps`, `num_inference_steps`);
+        `guidance_scale` is one scale or one per step. The noise comes from a CPU generator, so a seed gives the same
+        video on any device: `generator`, else `seed`, else a random seed (reported as `Request.seed`); or pass
+        `latents` (B, 12, T, H/8, W/8) to start from them.
+        """
+        if sigmas is not None:
+            sigmas = check_sigmas(sigmas)
+            num_inference_steps = len(sigmas) - 1
+        Settings(
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            width=width,
+            height=height,
+            num_frames=num_frames,
+            seed=seed,
+            guidance_scale=guidance_scale,
+            num_inference_steps=num_inference_steps,
+            threshold_noise=threshold_noise,
+            linear_steps=linear_steps,
+        ).check("api")
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+        if len(negatives) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(negatives)} negative prompts")
+        if sigmas is None:
+            sigmas = linear_quadratic_schedule(num_inference_steps, threshold_noise, linear_steps)
+        guidance = guidance_per_step(guidance_scale, len(sigmas) - 1)
+        latents, seed = initial_latents(len(prompts), num_frames, height, width, seed, generator, latents)
+
+        guided = any(scale != 1.0 for scale in guidance)
+        text = self.encode_prompt(prompts + negatives if guided else prompts)
+        n = len(prompts)
+        return Request(latents, sigmas, guidance, cond=text[:n], uncond=text[n:] if guided else None, seed=seed)
+
+    @torch.inference_mode()
+    def sample(
+        self,
+        request: Request,
+        batch_cfg: bool = False,
+        callback_on_step_end: Callable | None = None,
+        dit_hook: DiTHook | None = None,
+        progress: bool = True,
+    ) -> torch.Tensor:
+        """The Euler/CFG loop from the request's noise to the DiT's latents (B, 12, T, H/8, W/8), fp32.
+
+        `batch_cfg`: both CFG branches in one DiT call (more memory). `callback_on_step_end(pipe, i, sigma,
+        {"latents": z})` runs after step i (sigma: the noise level reached); a dict it returns with "latents"
+        replaces them. `dit_hook(call) -> velocity` wraps every DiT call (`sampling.DiTCall`).
+        """
+        steps = len(request.sigmas) - 1
+        with self._on_device(self.dit) as dit, self._after_each_step(steps, callback_on_step_end, progress) as after:
+            if self.cp is not None and self.cp.cfg_group is not None and request.uncond is not None:
+                from .distributed import CFGParallelDiT
+
+                dit, batch_cfg = CFGParallelDiT(dit, self.cp), True  # each half of the ranks runs one branch
+            return denoise(
+                dit,
+                request.latents.to(self.device),
+                request.sigmas,
+                request.cond,
+                request.uncond,
+                request.guidance,
+                batch_cfg,
+                callback=after,
+                dit_hook=dit_hook,
+            )
+
+    @torch.inference_mode()
+    def decode(self, latents: torch.Tensor, output_type: str = "np"):
+        """The DiT's latents -> videos: "np" (B, T, H, W, 3) floats in [0, 1], "pt" (B, T, 3, H, W), "pil"."""
+        if output_type not in VIDEO_TYPES:
+            raise ValueError(f"decode's output_type must be one of {VIDEO_TYPES}; got {output_type!r}")
+        group = self.cp.group if self.cp is not None else None  # several processes: each decodes a time slice
+        with self._on_device(self.decoder) as decoder:
+            video = vae_decode(decoder, self._denormalize(latents), group=group, **self.vae_options)  # (B, 3, T, H, W)
+        frames = ((video.float() + 1.0) / 2.0).clamp(0.0, 1.0).permute(0, 2, 3, 4, 1)  # [-1, 1] -> (B, T, H, W, 3)
+        return _convert(frames, output_type)
+
+    def encode_prompt(self, prompts: list[str]) -> TextCondition:
+        """T5 features and masks of `prompts`, on the pipeline's device."""
+        with self._on_device(self.text_encoder) as t5:
+            features, mask = t5.encode(prompts)
+        return TextCondition(features.to(self.device), mask.to(self.device))
+
+    def _denormalize(self, z: torch.Tensor) -> torch.Tensor:
+        """DiT space -> VAE space with this model's latent statistics (the published ones by default)."""
+        return denormalize_latents(z, *(self.latent_stats or (None, None)))
+
+    @contextmanager
+    def _after_each_step(self, steps: int, callback: Callable | None, progress: bool):
+        """The sampler's per-step callback: a progress bar, a NaN/inf guard, then the user's callback_on_step_end."""
+        bar = tqdm(total=steps, desc="sampling", unit="step", disable=not (progress and self.is_main_process))
+
+        def after(i: int, sigma: float, z: torch.Tensor) -> torch.Tensor | None:
+            bar.update()
+            if not torch.isfinite(z).all():
+                raise NonFiniteLatentsError(
+                    f"the latents became NaN or inf at step {i + 1} of {steps} (sigma {sigma:.4f}); no video was "
+                    "written. Check the weights' dtype (T5 in fp16 overflows), or lower the guidance scale."
+                )
+            out = callback(self, i, sigma, {"latents": z}) if callback is not None else None
+            return out.get("latents") if isinstance(out, dict) else None
+
+        with bar:
+            yield after
+
     # ---- several processes ---------------------------------------------------------------------------------
 
     def enable_context_parallel(
@@ -202,7 +374,7 @@ class MochiPipeline:
                 f"rank count whose half (with CFG parallelism) or whole divides {self.dit.cfg.num_heads}"
             )
         self.cp = cp
-        self.dit.context_parallel = cp if cp.seq_size > 1 else None
+        self.dit.set_token_layout(cp.token_layout())
         if shard_dit:
             shard(self.dit, cp)
         return self
@@ -294,105 +466,6 @@ class MochiPipeline:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
 
-    # ---- generation ----------------------------------------------------------------------------------------
-
-    def encode_prompt(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        with self._on_device(self.text_encoder) as t5:
-            feats, mask = t5.encode(prompts)
-        return feats.to(self.device), mask.to(self.device)
-
-    @torch.inference_mode()
-    def __call__(
-        self,
-        prompt: str | list[str],
-        negative_prompt: str | list[str] = "",
-        height: int = 480,
-        width: int = 848,
-        num_frames: int = 31,
-        num_inference_steps: int = 64,
-        guidance_scale: float | Sequence[float] = 6.0,
-        sigmas: Sequence[float] | None = None,
-        threshold_noise: float = 0.025,
-        linear_steps: int | None = None,
-        seed: int | None = None,
-        generator: torch.Generator | None = None,
-        latents: torch.Tensor | None = None,
-        output_type: str = "np",
-        callback_on_step_end: Callable | None = None,
-        batch_cfg: bool = False,
-        progress: bool = True,
-    ) -> MochiOutput:
-        """Generate videos. `sigmas` overrides the linear-quadratic schedule; `guidance_scale` may be a list, one
-        value per step; initial noise comes from a CPU generator (`seed` or `generator`) so it is device-independent.
-        """
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
-        if len(negatives) != len(prompts):
-            raise ValueError(f"{len(prompts)} prompts but {len(negatives)} negative prompts")
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}; got {output_type!r}")
-        check_video_size(num_frames, height, width)
-        if sigmas is None:
-            check_sampling(num_inference_steps, guidance_scale)
-            sigmas = linear_quadratic_schedule(num_inference_steps, threshold_noise, linear_steps)
-        else:
-            sigmas = check_sigmas(sigmas)
-            check_sampling(len(sigmas) - 1, guidance_scale)
-        expected = (len(prompts), *latent_shape(num_frames, height, width, self.dit.cfg.in_channels))
-        if latents is None:
-            latents = get_noise(len(prompts), num_frames, height, width, seed=seed, generator=generator)
-        elif tuple(latents.shape) != expected:
-            raise ValueError(f"latents must have shape {expected} for this request; got {tuple(latents.shape)}")
-
-        timings, peaks = {}, {}
-        with self._stage("text", timings, peaks):
-            use_cfg = not (isinstance(guidance_scale, (int, float)) and guidance_scale == 1.0)
-            feats, mask = self.encode_prompt(prompts + negatives if use_cfg else prompts)
-            cond = (feats[: len(prompts)], mask[: len(prompts)])
-            uncond = (feats[len(prompts) :], mask[len(prompts) :]) if use_cfg else None
-
-        with self._stage("dit", timings, peaks), self._on_device(self.dit) as dit:
-            if self.cp is not None and self.cp.cfg_group is not None and uncond is not None:
-                from .distributed import CFGParallelDiT
-
-                dit, batch_cfg = CFGParallelDiT(dit, self.cp), True  # each half of the ranks runs one branch
-            z = self._sample(dit, latents.to(self.device), sigmas, cond, uncond, guidance_scale, batch_cfg,
-                             callback_on_step_end, progress)  # fmt: skip
-        if output_type == "latent":
-            return MochiOutput(frames=z, timings=timings, peak_memory=peaks)
-
-        with self._stage("vae", timings, peaks), self._on_device(self.decoder) as decoder:
-            if self.cp is not None:
-                from .vae.parallel import decode_time_split
-
-                video = decode_time_split(decoder, self._denormalize(z), self.cp.group, **self.vae_options)
-            else:
-                video = decoder(self._denormalize(z), **self.vae_options)  # (B, 3, T, H, W), about [-1, 1]
-        frames = ((video.float() + 1.0) / 2.0).clamp(0.0, 1.0).permute(0, 2, 3, 4, 1)  # (B, T, H, W, 3)
-        return MochiOutput(frames=_convert(frames, output_type), timings=timings, peak_memory=peaks)
-
-    def _denormalize(self, z: torch.Tensor) -> torch.Tensor:
-        """DiT space -> VAE space with this model's latent statistics (the published ones by default)."""
-        return denormalize_latents(z, *(self.latent_stats or (None, None)))
-
-    def _sample(self, dit, z, sigmas, cond, uncond, guidance, batch_cfg, callback, progress) -> torch.Tensor:
-        """The sampler loop with a progress bar, a NaN/inf guard and the user's per-step callback."""
-        steps = len(sigmas) - 1
-        bar = tqdm(total=steps, desc="sampling", unit="step", disable=not (progress and self.is_main_process))
-
-        def on_step(i: int, sigma: float, z: torch.Tensor) -> torch.Tensor | None:
-            bar.update()
-            if not torch.isfinite(z).all():
-                raise NonFiniteLatentsError(
-                    f"the latents became NaN or inf at step {i + 1} of {steps} (sigma {sigma:.4f}); no video was "
-                    "written. Check the weights' dtype (T5 in fp16 overflows), or lower the guidance scale."
-                )
-            out = callback(self, i, sigma, {"latents": z}) if callback is not None else None
-            return out.get("latents") if isinstance(out, dict) else None
-
-        with bar:
-            return denoise(dit, z, sigmas, cond, uncond, guidance, batch_cfg, callback=on_step)
-
     @contextmanager
     def _stage(self, name: str, timings: dict, peaks: dict):
         """Time a stage and record the device's peak memory during it; turn device OOM into advice."""
@@ -418,6 +491,50 @@ class MochiPipeline:
         if stage == "dit":
             tips.append("fewer frames or a smaller size, or batch_cfg=False")
         return f"out of device memory during the {stage} stage; nothing was written. Try: " + "; ".join(tips)
+
+
+def initial_latents(
+    batch: int,
+    num_frames: int,
+    height: int,
+    width: int,
+    seed: int | None = None,
+    generator: torch.Generator | None = None,
+    latents: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, int | None]:
+    """(noise, the seed that made it): `latents` if given (their shape checked; no seed), else noise from
+    `generator` (no seed), else from `seed`, else from a random seed."""
+    if latents is not None:
+        expected = (batch, *MOCHI.latent_shape(num_frames, height, width))
+        if tuple(latents.shape) != expected:
+            raise ValueError(f"latents must have shape {expected} for this request; got {tuple(latents.shape)}")
+        return latents, None
+    if generator is not None:
+        return get_noise(batch, num_frames, height, width, generator=generator), None
+    if seed is None:
+        seed = secrets.randbits(SEED_BITS)
+    return get_noise(batch, num_frames, height, width, seed=seed), seed
+
+
+def _stream_blocks(blocks: nn.ModuleList, device: torch.device) -> list:
+    """Move each block to `device` just before it runs and back to the CPU right after."""
+
+    def load(module, args):
+        module.to(device)
+
+    def unload(module, args, output):
+        module.to("cpu")
+
+    return [h for b in blocks for h in (b.register_forward_pre_hook(load), b.register_forward_hook(unload))]
+
+
+def _blocks(part) -> nn.ModuleList | None:
+    """The repeated blocks that sequential offload streams: the DiT's, and T5's (about 19 GB in fp32)."""
+    if isinstance(part, AsymmDiT):
+        return part.blocks
+    if isinstance(part, TextEncoder) and part.model is not None:
+        return part.model.encoder.block
+    return None
 
 
 def _peak_rss() -> int:

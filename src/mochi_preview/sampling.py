@@ -2,13 +2,21 @@
 
 Convention: z_sigma = (1 - sigma) * z0 + sigma * noise, sigma = 1 is pure noise, the model predicts v = z0 - noise,
 and an Euler step moves z by (sigma_i - sigma_{i+1}) * v. The sampler state stays fp32 whatever the model's dtype.
+
+The model is any callable `model(z, sigma, features, mask) -> velocity` (the DiT, or distributed.CFGParallelDiT);
+prompts travel as `TextCondition`s. A `dit_hook` sees every model call as a `DiTCall` and returns its velocity.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
+
+from .geometry import MOCHI
+
+# ---- schedule and noise ----------------------------------------------------------------------------------------
 
 
 def linear_quadratic_schedule(
@@ -47,9 +55,12 @@ def check_sigmas(sigmas: Sequence[float]) -> list[float]:
     return sigmas
 
 
-def latent_shape(num_frames: int, height: int, width: int, channels: int = 12) -> tuple[int, int, int, int]:
-    """(C, T, H/8, W/8) DiT latent for a video of num_frames = 6k + 1 frames of height x width pixels."""
-    return channels, (num_frames - 1) // 6 + 1, height // 8, width // 8
+def guidance_per_step(guidance: float | Sequence[float], steps: int) -> list[float]:
+    """One CFG scale per step: a single value repeated, or a list that must hold exactly one value per step."""
+    scales = [float(guidance)] * steps if isinstance(guidance, (int, float)) else [float(g) for g in guidance]
+    if len(scales) != steps:
+        raise ValueError(f"guidance has {len(scales)} values but there are {steps} steps")
+    return scales
 
 
 def get_noise(
@@ -59,65 +70,116 @@ def get_noise(
     any device (and matches diffusers' MochiPipeline called with a CPU generator of that seed)."""
     if generator is None:
         generator = torch.Generator("cpu").manual_seed(0 if seed is None else seed)
-    return torch.randn((batch, *latent_shape(num_frames, height, width)), generator=generator, dtype=torch.float32)
+    shape = (batch, *MOCHI.latent_shape(num_frames, height, width))
+    return torch.randn(shape, generator=generator, dtype=torch.float32)
 
 
-Denoiser = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
+# ---- text conditions and model calls ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TextCondition:
+    """Encoded prompts, one row per video: T5 features (B, L, D) and their mask (B, L), True on real text tokens."""
+
+    features: torch.Tensor
+    mask: torch.Tensor
+
+    def __getitem__(self, rows: slice) -> TextCondition:
+        """The prompts in `rows` (a slice of the batch)."""
+        return TextCondition(self.features[rows], self.mask[rows])
+
+    @staticmethod
+    def cat(first: TextCondition, second: TextCondition) -> TextCondition:
+        """One batch of both, the shorter text padded (features with zeros, the mask with False)."""
+        return TextCondition(_pad_cat(first.features, second.features), _pad_cat(first.mask, second.mask))
+
+
+def _pad_cat(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Concatenate along the batch, padding the text axis of the shorter one with zeros."""
+    n = max(a.shape[1], b.shape[1])
+    pad = lambda t: torch.cat([t, t.new_zeros(t.shape[0], n - t.shape[1], *t.shape[2:])], dim=1)
+    return torch.cat([pad(a), pad(b)])
+
+
+@dataclass(frozen=True)
+class DiTCall:
+    """One model call of the sampler, as a `dit_hook` sees it. `call()` runs the model on these inputs and returns
+    the velocity; `call(latents=..., text=...)` runs it on edited ones.
+
+    `branch` is "cond" (the prompts), "uncond" (the negative prompts) or "both" (batched CFG: `latents` and `text`
+    hold the cond rows, then the uncond rows). `sigma` is the noise level of `latents`, `step` the Euler step.
+    """
+
+    model: Callable[..., torch.Tensor]
+    step: int
+    sigma: float
+    latents: torch.Tensor
+    text: TextCondition
+    branch: str
+
+    def __call__(self, latents: torch.Tensor | None = None, text: TextCondition | None = None) -> torch.Tensor:
+        z = self.latents if latents is None else latents
+        text = self.text if text is None else text
+        sigma = torch.full((z.shape[0],), self.sigma, dtype=torch.float32, device=z.device)
+        return self.model(z, sigma, text.features, text.mask)
+
+
+DiTHook = Callable[[DiTCall], torch.Tensor]
+"""Wraps each model call: `hook(call) -> velocity`, e.g. `call()` plus bookkeeping, a cached velocity, or
+`call(latents=edited)`."""
+
+
+# ---- the sampler -----------------------------------------------------------------------------------------------
 
 
 def cfg_velocity(
     model: Callable[..., torch.Tensor],
     z: torch.Tensor,
     sigma: float,
-    cond: tuple[torch.Tensor, torch.Tensor],
-    uncond: tuple[torch.Tensor, torch.Tensor] | None,
+    cond: TextCondition,
+    uncond: TextCondition | None,
     scale: float,
     batch_cfg: bool = False,
+    step: int = 0,
+    dit_hook: DiTHook | None = None,
 ) -> torch.Tensor:
-    """Classifier-free guided velocity: v_u + scale * (v_c - v_u), in fp32. `cond`/`uncond` = (features, mask)."""
-    b = z.shape[0]
-    sig = torch.full((b,), sigma, dtype=torch.float32, device=z.device)
+    """Classifier-free guided velocity at noise level `sigma`: v_u + scale * (v_c - v_u), in fp32."""
+
+    def velocity(branch: str, latents: torch.Tensor, text: TextCondition) -> torch.Tensor:
+        call = DiTCall(model, step, sigma, latents, text, branch)
+        return (call() if dit_hook is None else dit_hook(call)).float()
+
     if uncond is None or scale == 1.0:
-        return model(z, sig, *cond).float()
+        return velocity("cond", z, cond)
     if batch_cfg:
-        feats = _pad_cat(cond[0], uncond[0])
-        masks = _pad_cat(cond[1], uncond[1])
-        v_c, v_u = model(torch.cat([z, z]), torch.cat([sig, sig]), feats, masks).float().chunk(2)
+        v_c, v_u = velocity("both", torch.cat([z, z]), TextCondition.cat(cond, uncond)).chunk(2)
     else:
-        v_c = model(z, sig, *cond).float()
-        v_u = model(z, sig, *uncond).float()
+        v_c = velocity("cond", z, cond)
+        v_u = velocity("uncond", z, uncond)
     return v_u + scale * (v_c - v_u)
-
-
-def _pad_cat(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Concatenate along the batch, padding the text axis of the shorter one (masks pad with False)."""
-    n = max(a.shape[1], b.shape[1])
-    pad = lambda t: torch.cat([t, t.new_zeros(t.shape[0], n - t.shape[1], *t.shape[2:])], dim=1)
-    return torch.cat([pad(a), pad(b)])
 
 
 def denoise(
     model: Callable[..., torch.Tensor],
     z: torch.Tensor,
     sigmas: Sequence[float],
-    cond: tuple[torch.Tensor, torch.Tensor],
-    uncond: tuple[torch.Tensor, torch.Tensor] | None = None,
+    cond: TextCondition,
+    uncond: TextCondition | None = None,
     guidance: float | Sequence[float] = 4.5,
     batch_cfg: bool = False,
     callback: Callable[[int, float, torch.Tensor], torch.Tensor | None] | None = None,
+    dit_hook: DiTHook | None = None,
 ) -> torch.Tensor:
     """Euler integration of the flow from sigmas[0] to sigmas[-1]; `guidance` is a scale or one scale per step.
 
-    `callback(step, sigma_next, z)` runs after each step; a tensor it returns replaces z.
+    `callback(step, sigma_next, z)` runs after each step; a tensor it returns replaces z. `dit_hook` wraps each
+    model call (see `DiTCall`).
     """
     sigmas = check_sigmas(sigmas)
-    steps = len(sigmas) - 1
-    scales = [float(guidance)] * steps if isinstance(guidance, (int, float)) else [float(g) for g in guidance]
-    if len(scales) != steps:
-        raise ValueError(f"guidance has {len(scales)} values but there are {steps} steps")
+    scales = guidance_per_step(guidance, len(sigmas) - 1)
     z = z.float()
-    for i in range(steps):
-        v = cfg_velocity(model, z, sigmas[i], cond, uncond, scales[i], batch_cfg)
+    for i, scale in enumerate(scales):
+        v = cfg_velocity(model, z, sigmas[i], cond, uncond, scale, batch_cfg, step=i, dit_hook=dit_hook)
         z = z + (sigmas[i] - sigmas[i + 1]) * v  # the step size is a float64 difference, applied to fp32
         if callback is not None and (replaced := callback(i, sigmas[i + 1], z)) is not None:
             z = replaced.float()

@@ -7,10 +7,13 @@ Used by the tests, the benchmarks, and by the CLI as its fallback model when no 
 import io
 import shutil
 import tempfile
+from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
 
 import torch
+
+from .files import atomic_dir
 
 # A small built-in English corpus: enough pieces for ordinary prompts, trained in well under a second.
 CORPUS = """\
@@ -144,9 +147,6 @@ def save_tiny_t5_diffusers_layout(model_dir: Path, **kwargs) -> None:
 
 # ---- DiT + VAE ---------------------------------------------------------------------------------------------
 
-TINY_DIT = dict(depth=2, num_heads=2, head_dim=64, dim_y=64, mlp_hidden_x=256, mlp_hidden_y=128)
-TINY_DECODER = dict(channels=(32, 32, 32, 32), num_res_blocks=(1, 1, 1, 1, 1))
-TINY_ENCODER = dict(channels=(32, 32, 32, 32), num_res_blocks=(1, 1, 1, 1, 1), has_attention=(False,) * 5)
 RANDOM_DEFAULTS = dict(width=64, height=64, num_frames=13, num_steps=8, cfg_scale=4.5)
 
 
@@ -170,20 +170,21 @@ def save_random_model(folder: Path, seed: int = 0, text_dim: int = 64, encoder: 
     """
     from safetensors.torch import save_file
 
-    from .dit import AsymmDiT, DiTConfig, save_dit_native
-    from .vae import Decoder, DecoderConfig, Encoder, EncoderConfig
+    from .configs import CONFIGS
+    from .dit import AsymmDiT, save_dit_native
+    from .vae import Decoder, Encoder
 
+    tiny = CONFIGS["tiny"]
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    dit = _random_(AsymmDiT(DiTConfig(text_dim=text_dim, **TINY_DIT)), seed)
+    dit = _random_(AsymmDiT(replace(tiny.dit, text_dim=text_dim)), seed)
     save_dit_native(folder / "dit.safetensors", dit)
-    save_file(
-        _random_(Decoder(DecoderConfig(**TINY_DECODER)), seed + 1).state_dict(), str(folder / "decoder.safetensors")
-    )
+    save_file(_random_(Decoder(tiny.decoder), seed + 1).state_dict(), str(folder / "decoder.safetensors"))
     if encoder:
-        enc = _random_(Encoder(EncoderConfig(**TINY_ENCODER)), seed + 2)
-        save_file(enc.state_dict(), str(folder / "encoder.safetensors"))
-    save_tiny_t5(folder / "t5", d_model=text_dim, seed=seed + 3)
+        save_file(_random_(Encoder(tiny.encoder), seed + 2).state_dict(), str(folder / "encoder.safetensors"))
+    t5 = tiny.t5
+    save_tiny_t5(folder / "t5", d_model=text_dim, num_layers=t5.num_layers, num_heads=t5.num_heads, d_ff=t5.d_ff,
+                 seed=seed + 3)  # fmt: skip
     return folder
 
 
@@ -213,11 +214,7 @@ def default_model_dir() -> Path:
         file=sys.stderr,
     )
     if not (cache / "mochi_defaults.json").is_file():
-        tmp = cache.with_name(cache.name + f".partial-{os.getpid()}")
-        save_random_model(tmp)
-        (tmp / "mochi_defaults.json").write_text(json.dumps(RANDOM_DEFAULTS))
-        try:
-            tmp.rename(cache)
-        except OSError:  # another process finished first
-            shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_dir(cache) as tmp:  # complete or absent; a concurrent process that finished first wins
+            save_random_model(tmp)
+            (tmp / "mochi_defaults.json").write_text(json.dumps(RANDOM_DEFAULTS))
     return cache

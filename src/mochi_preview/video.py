@@ -2,10 +2,8 @@
 
 import json
 import math
-import os
-import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from fractions import Fraction
 from numbers import Real
 from pathlib import Path
@@ -13,6 +11,8 @@ from typing import Any
 
 import av
 import numpy as np
+
+from .files import write_atomic
 
 try:  # swscale's default YUV->RGB rounding reads ~1/255 too dark; these flags make read_video unbiased
     from av.video.reformatter import Interpolation as _I
@@ -61,36 +61,6 @@ def _to_uint8(frame: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(frame)
 
 
-def _publish(tmp: Path, path: Path) -> None:
-    """Move a finished temporary file to `path`, never replacing an existing file."""
-    try:
-        os.link(tmp, path)  # atomic and fails if `path` exists
-    except FileExistsError:
-        raise FileExistsError(f"{path} already exists; not overwriting it") from None
-    except OSError:  # no hard links on this filesystem: a checked rename (a tiny race window remains)
-        if path.exists():
-            raise FileExistsError(f"{path} already exists; not overwriting it") from None
-        os.rename(tmp, path)
-
-
-def _write_atomic(path: str | Path, write: Callable[[Path], object]) -> Path:
-    """Run `write(tmp)` on a hidden temporary file beside `path`, then publish it; clean up on any failure."""
-    path = Path(path)
-    if path.exists():  # fail before doing the work
-        raise FileExistsError(f"{path} already exists; not overwriting it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
-    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # unlike mkstemp, respects the umask
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:  # flush to disk before the file becomes visible under its real name
-            os.fsync(f.fileno())
-        _publish(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)  # after the link `path` keeps the data; after an error nothing is left
-    return path
-
-
 def export_to_video(
     frames: Any, path: str | Path, fps: float = 30, metadata: dict | None = None, crf: float | None = None
 ) -> Path:
@@ -120,7 +90,7 @@ def export_to_video(
                 out.mux(stream.encode(av.VideoFrame.from_ndarray(_to_uint8(frame), format="rgb24")))
             out.mux(stream.encode(None))  # flush the encoder's delayed frames
 
-    return _write_atomic(path, write)
+    return write_atomic(path, write)
 
 
 def read_video(path: str | Path) -> tuple[np.ndarray, dict]:
@@ -172,4 +142,4 @@ def _json_default(obj: Any) -> Any:
 def write_json_atomic(path: str | Path, obj: Any) -> Path:
     """Write `obj` as indented JSON to `path` via a temporary file; never overwrites an existing file."""
     text = json.dumps(obj, indent=2, ensure_ascii=False, default=_json_default) + "\n"  # fails before any I/O
-    return _write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    return write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))

@@ -15,6 +15,7 @@ from mochi_preview.vae import (
     DecoderConfig,
     Encoder,
     EncoderConfig,
+    decode,
     denormalize_latents,
     fourier_features,
     normalize_latents,
@@ -54,7 +55,7 @@ def test_encode_decode_shapes(encoder, decoder, frames):
     mean, logvar = encoder(video(frames))
     k = (frames - 1) // 6 + 1
     assert mean.shape == logvar.shape == (1, 12, k, 2, 2)
-    assert decoder(mean, mode="full").shape == (1, 3, frames, 16, 16)
+    assert decode(decoder, mean, mode="full").shape == (1, 3, frames, 16, 16)
 
 
 def test_encoder_is_causal(encoder):
@@ -80,8 +81,8 @@ def test_bf16_encoder_takes_fp32_video():
 @pytest.mark.parametrize(
     "shape, message",
     [
-        ((1, 3, 8, 16, 16), r"T = 6k \+ 1 frames \(e\.g\. 7 or 13\); got T = 8"),
-        ((1, 3, 7, 20, 16), "multiples of 8; got H = 20, W = 16"),
+        ((1, 3, 8, 16, 16), r"T=8 is not of the form 6k\+1 \(nearest valid: \[7, 13\]\)"),
+        ((1, 3, 7, 20, 12), r"H=20 is not a multiple of 8 .*\[16, 24\]\); W=12 is not a multiple of 8 .*\[8, 16\]"),
         ((1, 4, 7, 16, 16), r"\(B, 3, T, H, W\)"),
         ((3, 7, 16, 16), r"\(B, 3, T, H, W\)"),
     ],

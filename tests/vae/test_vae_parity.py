@@ -7,7 +7,7 @@ import pytest
 import torch
 from vae_fixtures import diffusers_vae, rel, save_diffusers_vae, single_thread  # noqa: F401 (autouse fixture)
 
-from mochi_preview.vae import DecoderConfig, EncoderConfig, load_vae_decoder, load_vae_encoder
+from mochi_preview.vae import DecoderConfig, EncoderConfig, decode, load_vae_decoder, load_vae_encoder
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +94,6 @@ def test_decoder_differs_from_diffusers_only_by_design(pair):
     z = torch.randn(1, 12, 3, 4, 4, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         theirs = vae.decode(z).sample
-    ours = decoder(z, mode="full")
+    ours = decode(decoder, z, mode="full")
     assert ours.shape == theirs.shape == (1, 3, 13, 32, 32)
     assert rel(ours[:, :, :1], theirs[:, :, :1]) > 0.01

@@ -7,8 +7,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from vae_fixtures import diffusers_vae, randomize_, save_diffusers_vae, save_native, single_thread  # noqa: F401
 
-from mochi_preview.vae import Decoder, DecoderConfig, Encoder, EncoderConfig, load_vae_decoder, load_vae_encoder
-from mochi_preview.weights import CheckpointError
+from mochi_preview.checkpoint import CheckpointError
+from mochi_preview.vae import Decoder, DecoderConfig, Encoder, EncoderConfig, decode, load_vae_decoder, load_vae_encoder
 
 SMALL_DECODER = DecoderConfig(channels=(32, 32, 32, 32), num_res_blocks=(1, 1, 1, 1, 1))
 ODD_ENCODER = EncoderConfig(
@@ -68,7 +68,7 @@ def test_expansion_factors_can_be_given_where_the_tensors_are_ambiguous(tmp_path
     path = save_native(tmp_path / "decoder.safetensors", randomize_(Decoder(config)))
     assert load_vae_decoder(path).config.spatial_expansions == (2,)
     given = load_vae_decoder(path, temporal_expansions=(4,), spatial_expansions=(1,))
-    assert given.config == config and given(torch.zeros(1, 12, 2, 3, 3), mode="full").shape == (1, 3, 5, 3, 3)
+    assert given.config == config and decode(given, torch.zeros(1, 12, 2, 3, 3), mode="full").shape == (1, 3, 5, 3, 3)
     with pytest.raises(CheckpointError, match=r"do not match the upsampling projections, whose st\*s\^2 are \[4\]"):
         load_vae_decoder(path, temporal_expansions=(2,), spatial_expansions=(2,))
 
@@ -121,7 +121,7 @@ def test_bf16_file_loads_exactly_and_runs_in_either_dtype(tmp_path):
     assert as_bf16.blocks[0][0].weight.dtype == torch.bfloat16
     assert as_bf16.blocks[0][1].stack[0].weight.dtype == torch.float32  # group norms compute in fp32
     z = torch.randn(1, 12, 1, 2, 2)
-    out16, out32 = as_bf16(z, mode="full"), as_fp32(z, mode="full")
+    out16, out32 = decode(as_bf16, z, mode="full"), decode(as_fp32, z, mode="full")
     assert out16.dtype == torch.float32
     assert ((out16 - out32).norm() / out32.norm()) < 0.05
 

@@ -28,7 +28,10 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from ..dit import AsymmDiT, DiTConfig, init_weights, save_dit_native
+from ..configs import CONFIGS
+from ..dit import AsymmDiT, init_weights, save_dit_native
+from ..files import atomic_dir
+from ..geometry import MOCHI
 from ..text import TextEncoder
 from ..tiny import CORPUS, save_tiny_t5
 from ..train import (
@@ -43,9 +46,11 @@ from ..train import (
     latent_stats,
     reconstruct,
 )
-from ..vae import Decoder, DecoderConfig, Encoder, EncoderConfig
+from ..vae import Decoder, Encoder
 from .evaluate import adherence
 from .world import COLOURS, MOVES, SHAPES, WorldConfig, caption, combos, sample_batch, to_frames
+
+MODEL = CONFIGS["demo"]  # the networks' sizes; DemoSpec holds the clips and training sizes
 
 
 @dataclass(frozen=True)
@@ -59,14 +64,7 @@ class DemoSpec:
     # fine-tuning, 100% after 200 steps).
     vae_pretrain_frames: int = 13
     vae_pretrain_size: int = 32
-    vae_channels: tuple[int, ...] = (32, 32, 64, 64)
-    vae_blocks: tuple[int, ...] = (0, 0, 1, 1, 1)
-    t5_dim: int = 128
     t5_vocab: int = 400  # BPE pieces: every caption word whole, plus pieces for other English
-    dit_depth: int = 4
-    dit_heads: int = 3  # 3.9M parameters: 7.8 MB in fp16, inside the 16 MB budget with the VAE and T5
-    dit_head_dim: int = 64
-    dit_dim_y: int = 128
     latent_clips: int = 4096  # clips in the DiT's training cache
     num_steps: int = 24  # sampling defaults written to mochi_defaults.json
     cfg_scale: float = 4.5
@@ -107,7 +105,8 @@ def build_t5(folder: Path, spec: DemoSpec, tokenizer: str = "generic") -> None:
     """
     if (folder / "model.safetensors").is_file():
         return
-    size = dict(d_model=spec.t5_dim, num_layers=2, num_heads=4, d_ff=2 * spec.t5_dim, seed=0)
+    t5 = MODEL.t5
+    size = dict(d_model=t5.d_model, num_layers=t5.num_layers, num_heads=t5.num_heads, d_ff=t5.d_ff, seed=0)
     if tokenizer == "generic":
         save_tiny_t5(folder, **size)
     else:  # BPE pieces keep the frequent words whole; unigram training on this corpus split them
@@ -143,18 +142,14 @@ def pretrain_t5(t5_init: Path, folder: Path, work: Path, steps: int, threads: in
     accuracy = dict(zip(("colour", "shape", "direction"), trainer.accuracy(*heldout)))
     log(f"text encoder on held-out captions: {accuracy}")
     (work / "t5_check.json").write_text(json.dumps(accuracy))
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(t5_init, tmp)  # the tokenizer files; the weights are replaced next
-    trainer.ema_model().t5.save_pretrained(tmp)
-    tmp.rename(folder)  # complete or absent: a rerun after an interruption starts this stage again
+    with atomic_dir(folder) as tmp:  # complete or absent: a rerun after an interruption starts this stage again
+        shutil.copytree(t5_init, tmp, dirs_exist_ok=True)  # the tokenizer files; the weights are replaced next
+        trainer.ema_model().t5.save_pretrained(tmp)
 
 
 def vae_models(spec: DemoSpec) -> tuple[Encoder, Decoder]:
-    """A reduced AsymmVAE: the published layout with fewer channels and blocks, no attention."""
-    blocks = spec.vae_blocks
-    encoder = Encoder(EncoderConfig(channels=spec.vae_channels, num_res_blocks=blocks, has_attention=(False,) * 5))
-    return encoder, Decoder(DecoderConfig(channels=spec.vae_channels, num_res_blocks=blocks))
+    """A reduced AsymmVAE (the registry's "demo" entry): the published layout with fewer channels and blocks."""
+    return Encoder(MODEL.encoder), Decoder(MODEL.decoder)
 
 
 @torch.no_grad()
@@ -199,10 +194,9 @@ def recaptioner(spec: DemoSpec, data: LatentData, seed: int):
 
 
 def dit_model(spec: DemoSpec) -> AsymmDiT:
-    cfg = DiTConfig.reduced(spec.dit_depth, spec.dit_heads, spec.dit_dim_y, spec.t5_dim, head_dim=spec.dit_head_dim)
     # init_weights gives the learned RoPE frequencies a spread of values: left at zero (the module's placeholder)
     # tokens carry no position, and the model never learns where the object is or where it goes.
-    return init_weights(AsymmDiT(cfg), generator=torch.Generator().manual_seed(0))
+    return init_weights(AsymmDiT(MODEL.dit), generator=torch.Generator().manual_seed(0))
 
 
 def export(out: Path, dit: AsymmDiT, t5, t5_files: Path, encoder, decoder, mean, std, spec, dtype) -> None:
@@ -263,13 +257,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--skip_eval", action="store_true")
     args = p.parse_args(argv)
     # Checked before anything is written: a wrong size would otherwise fail stages later, inside a network.
-    if args.size % 16 or args.size < 16:
-        p.error(f"--size {args.size}: must be a multiple of 16 (8x VAE compression, then 2x2 DiT patches), e.g. 32, 64")
-    if args.vae_pretrain_size % 8 or args.vae_pretrain_size < 8:
-        p.error(f"--vae_pretrain_size {args.vae_pretrain_size}: must be a multiple of 8 (the VAE's compression)")
+    g = MOCHI
+    if not g.valid_size(args.size):
+        p.error(f"--size {args.size}: must be a multiple of {g.pixel_multiple} (8x VAE compression, then 2x2 DiT "
+                f"patches); nearest valid: {g.nearest_size(args.size)}")  # fmt: skip
+    if args.vae_pretrain_size % g.spatial or args.vae_pretrain_size < g.spatial:
+        p.error(
+            f"--vae_pretrain_size {args.vae_pretrain_size}: must be a multiple of {g.spatial} (the VAE's compression)"
+        )
     for name in ("frames", "vae_pretrain_frames"):
-        if (n := getattr(args, name)) % 6 != 1:
-            p.error(f"--{name} {n}: must be 6k + 1 (the VAE's 6x causal compression), e.g. 7, 13, 25")
+        if not g.valid_frames(n := getattr(args, name)):
+            p.error(f"--{name} {n}: must be {g.temporal}k + 1 (the VAE's causal compression); nearest valid: "
+                    f"{g.nearest_frames(n)}")  # fmt: skip
     for name in ("text_steps", "vae_steps", "vae_finetune_steps", "dit_steps", "latent_clips", "vae_batch", "threads"):
         if getattr(args, name) < (0 if name.endswith("steps") else 1):
             p.error(f"--{name} {getattr(args, name)}: must be {'at least 0' if name.endswith('steps') else 'positive'}")

@@ -8,7 +8,6 @@ model's own defaults, and the evaluator measures colour and direction from the f
 from __future__ import annotations
 
 import argparse
-import json
 import textwrap
 import time
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import settings
 from ..pipeline import MochiPipeline
 from .evaluate import adherence
 from .world import HELDOUT_COMBOS, HELDOUT_TEMPLATES, Attributes, caption
@@ -33,14 +33,9 @@ def heldout_prompts(seed: int = 0) -> list[tuple[str, Attributes]]:
 
 def model_defaults(model_dir: Path) -> dict:
     """Size, frames, steps and guidance from the folder's mochi_defaults.json (a demo model's own clip size)."""
-    d = json.loads((Path(model_dir) / "mochi_defaults.json").read_text())
-    return dict(
-        width=d["width"],
-        height=d["height"],
-        num_frames=d["num_frames"],
-        num_inference_steps=d["num_steps"],
-        guidance_scale=d["cfg_scale"],
-    )
+    s = settings.model_defaults(model_dir)
+    keys = ("width", "height", "num_frames", "num_inference_steps", "guidance_scale")
+    return {k: getattr(s, k) for k in keys}
 
 
 def generate(pipe: MochiPipeline, prompts: list[str], defaults: dict, seed: int = 0) -> np.ndarray:

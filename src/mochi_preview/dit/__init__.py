@@ -1,8 +1,8 @@
 """The AsymmDiT diffusion transformer and its checkpoints."""
 
 from .fp8 import FP8Linear, parameter_bytes, quantize_dit_fp8
+from .layout import infer_dit_config, load_dit, save_dit_native
 from .model import AsymmDiT, DiTConfig, init_weights
-from .weights import infer_dit_config, load_dit, save_dit_native
 
 __all__ = [
     "AsymmDiT",

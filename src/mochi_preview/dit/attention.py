@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
+from .layers import compute_dtype
+
 BACKENDS = ("auto", "sdpa", "flash", "sage")
 CPU_CHUNK = 4096  # query rows per SDPA call on CPU: a (4096 x N) score block per head at most
 
@@ -41,10 +43,6 @@ class TextPacking:
         valid = torch.gather(mask, 1, index)
         # Decided here, once per forward and outside any compiled block (a data-dependent branch breaks graphs).
         return cls(index=index, valid=valid, text_len=mask.shape[1], needs_mask=not bool(valid.all()))
-
-    @property
-    def packed_len(self) -> int:
-        return self.index.shape[1]
 
     def gather(self, y: torch.Tensor) -> torch.Tensor:
         """(B, L, D) -> (B, Lp, D): the packed text tokens."""
@@ -130,19 +128,17 @@ def joint_attention(
 
 
 def chunked_sdpa(q, k, v, mask: torch.Tensor | None, chunk: int) -> torch.Tensor:
-    """SDPA over query blocks of `chunk` rows (0: all at once). On CPU, half inputs are upcast like `linear` does:
-    the fp32 kernels are several times faster there, and fp32 accumulation is what a GPU's flash kernel does."""
-    half_on_cpu = q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16)
-    dtype = q.dtype
-    if half_on_cpu:
-        q, k, v = q.float(), k.float(), v.float()
+    """SDPA over query blocks of `chunk` rows (0: all at once), in `compute_dtype` (fp32 for half inputs on a CPU,
+    which is also what a GPU's flash kernel accumulates in); returns q's dtype."""
+    out_dtype, dtype = q.dtype, compute_dtype(q.dtype, q.device)
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     if not chunk or chunk >= q.shape[2]:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     else:
         out = torch.empty_like(q)
         for i in range(0, q.shape[2], chunk):
             out[:, :, i : i + chunk] = F.scaled_dot_product_attention(q[:, :, i : i + chunk], k, v, attn_mask=mask)
-    return out.to(dtype)
+    return out.to(out_dtype)
 
 
 def _per_sample(q, k, v, num_visual, packing, kernel):

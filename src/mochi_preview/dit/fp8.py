@@ -5,7 +5,9 @@ Each Linear of the 48 blocks (>99% of the parameters) keeps its weight as float8
 The scale maps the largest |weight| to 448, so the whole fp8 range is used. Rounding to 3 mantissa bits costs at
 most 2^-4 relative error per (normal) element; per-row scales keep small rows out of the subnormal range when rows
 differ in magnitude. The forward dequantizes one layer at a time and multiplies as `linear` does: storage only,
-no fp8 matmul (which needs Hopper/Ada tensor cores and would also quantize the activations).
+no fp8 matmul (which needs Hopper/Ada tensor cores and would also quantize the activations). The bias stays in the
+compute dtype. `.to(dtype)` on a model would upcast the fp8 weights too (they are floating point): move FP8 models
+between devices only.
 """
 
 from __future__ import annotations
@@ -13,9 +15,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layers import HALF, Linear, linear
+from ..checkpoint import FP8_DTYPES
+from .layers import Linear, compute_dtype, linear
 
-FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 E4M3_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
 GRANULARITIES = ("tensor", "channel")
 
@@ -37,12 +39,7 @@ def quantize_fp8(weight: torch.Tensor, granularity: str = "tensor") -> tuple[tor
 
 
 class FP8Linear(Linear):
-    """A Linear whose weight is stored in fp8 with a fp32 `scale` buffer; bias in the compute dtype.
-
-    State-dict keys: `weight` (fp8), `bias`, `scale`. The forward rebuilds weight * scale in the compute dtype (x's
-    dtype; fp32 on CPU for half x, as `linear` does) and calls `linear`. `.to(dtype)` on a model would upcast the fp8
-    weights too (they are floating point): move FP8 models between devices only.
-    """
+    """A Linear whose weight is stored in fp8 with a fp32 `scale` (state-dict keys `weight`, `bias`, `scale`)."""
 
     def __init__(
         self,
@@ -91,8 +88,8 @@ class FP8Linear(Linear):
         return (self.weight.float() * self.scale).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        compute = torch.float32 if x.device.type == "cpu" and x.dtype in HALF else x.dtype
-        return linear(x, self.dequantized(compute), self.bias)
+        """weight * scale rebuilt in the compute dtype (`compute_dtype`), then `linear`."""
+        return linear(x, self.dequantized(compute_dtype(x.dtype, x.device)), self.bias)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, weight={self.weight.dtype}, scale per {self.granularity}"

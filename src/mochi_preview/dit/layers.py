@@ -16,16 +16,24 @@ from torch import nn
 HALF = (torch.bfloat16, torch.float16)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear with a GPU's half-precision semantics on every device.
+def compute_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype to multiply `dtype` inputs in on `device`: fp32 for half inputs on a CPU, else `dtype` itself.
 
-    A tensor core multiplies bf16 inputs exactly, accumulates in fp32 and rounds the output once. CPUs without bf16
-    instructions run half matmuls ~10x slower than fp32, so there the inputs are upcast (exactly) and multiplied in
-    fp32: the same numbers up to summation order, at the fp32 rate.
+    A tensor core multiplies bf16/fp16 inputs exactly, accumulates in fp32 and rounds the output once. CPUs without
+    half-precision instructions run half matmuls ~10x slower than fp32, so there the inputs are upcast (exactly) and
+    multiplied in fp32: the same numbers as a GPU up to summation order, at the fp32 rate. Cast the result back to
+    `dtype`.
     """
-    if x.device.type == "cpu" and x.dtype in HALF:
-        return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
-    return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+    if torch.device(device).type == "cpu" and dtype in HALF:
+        return torch.float32
+    return dtype
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear with a GPU's half-precision semantics on every device (see `compute_dtype`); returns x's dtype."""
+    dtype = compute_dtype(x.dtype, x.device)
+    out = F.linear(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
+    return out.to(x.dtype)
 
 
 class Linear(nn.Linear):
@@ -35,23 +43,25 @@ class Linear(nn.Linear):
         return linear(x, self.weight, self.bias)
 
 
-def modulated_rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """x / rms(x) * (1 + scale), no learned weight; `scale` (B, D) broadcasts over tokens."""
+def rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / sqrt(mean(x^2) + eps) over the last axis, in fp32 (callers scale it, then cast back to their dtype)."""
     x32 = x.float()
-    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return (x32 * (1.0 + scale.float()[:, None, :])).to(x.dtype)
+    return x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def modulated_rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """rms_norm(x) * (1 + scale), no learned weight; `scale` (B, D) broadcasts over tokens."""
+    return (rms_norm(x, eps) * (1.0 + scale.float()[:, None, :])).to(x.dtype)
 
 
 def residual_gated_rms_norm(x: torch.Tensor, branch: torch.Tensor, gate: torch.Tensor, eps: float = 1e-6):
-    """x + tanh(gate) * branch / rms(branch): the sandwich norm closing each residual branch."""
-    b32 = branch.float()
-    b32 = b32 * torch.rsqrt(b32.pow(2).mean(-1, keepdim=True) + eps)
+    """x + tanh(gate) * rms_norm(branch): the sandwich norm closing each residual branch; `gate` (B, D)."""
     # tanh is taken in the gate's own dtype (bf16 in practice), as the reference does under autocast.
-    return x + (b32 * torch.tanh(gate)[:, None, :]).to(x.dtype)
+    return x + (rms_norm(branch, eps) * torch.tanh(gate)[:, None, :]).to(x.dtype)
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm with a learned weight, computed in fp32 (the QK norms; the weight is kept fp32)."""
+    """rms_norm times a learned weight (the QK norms; the weight is kept fp32)."""
 
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
@@ -59,9 +69,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (x32 * self.weight.float()).to(x.dtype)
+        return (rms_norm(x, self.eps) * self.weight.float()).to(x.dtype)
 
 
 def swiglu_hidden_size(dim: int, mlp_ratio: float = 4.0, multiple_of: int = 256) -> int:

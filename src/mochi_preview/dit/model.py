@@ -2,12 +2,16 @@
 
 Visual tokens (width dim_x) and text tokens (width dim_y) keep separate weights but attend jointly with
 dim_x-wide heads; the text stream is projected up for attention and back down after it.
+
+Shapes: B batch, N visual tokens (T * H/2 * W/2, row-major over t, h, w), L text tokens (padded), Lp the longest
+valid text count in the batch, H heads of width d, Dx = H * d and Dy the stream widths. Comments give one process's
+shapes; under context parallelism (`set_token_layout`, see dit/tokens.py) x holds a share of the N tokens between
+attentions, and each attention runs on a share of the heads.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -24,17 +28,14 @@ from .layers import (
     TimestepEmbedder,
     modulated_rms_norm,
     residual_gated_rms_norm,
-    swiglu_hidden_size,
 )
 from .rope import apply_rope, rope_cos_sin, rope_positions
-
-if TYPE_CHECKING:
-    from ..distributed import ContextParallel
+from .tokens import TokenLayout
 
 
 @dataclass(frozen=True)
 class DiTConfig:
-    """Sizes of an AsymmDiT; `mochi_1_preview()` is the published one."""
+    """Sizes of an AsymmDiT; the defaults are the published Mochi 1 preview (other sizes: `configs.dit_config`)."""
 
     depth: int = 48
     num_heads: int = 24
@@ -50,17 +51,13 @@ class DiTConfig:
 
     @property
     def dim_x(self) -> int:
+        """Visual stream width, also the joint attention width."""
         return self.num_heads * self.head_dim
 
-    @classmethod
-    def mochi_1_preview(cls) -> DiTConfig:
-        return cls()
 
-    @classmethod
-    def reduced(cls, depth: int, num_heads: int, dim_y: int, text_dim: int, head_dim: int = 128, **kw) -> DiTConfig:
-        """A smaller model with native MLP widths (rounded up to multiples of 256)."""
-        hidden_x, hidden_y = swiglu_hidden_size(num_heads * head_dim), swiglu_hidden_size(dim_y)
-        return cls(depth, num_heads, head_dim, dim_y, hidden_x, hidden_y, text_dim, **kw)
+def split_heads(qkv: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """(B, S, 3 H d) laid out [q | k | v] -> (3, B, H, S, d): unpacks into q, k, v."""
+    return rearrange(qkv, "b s (three h d) -> three b h s d", three=3, d=head_dim)
 
 
 class AsymmetricAttention(nn.Module):
@@ -76,38 +73,25 @@ class AsymmetricAttention(nn.Module):
         self.q_norm_y = RMSNorm(cfg.head_dim)
         self.k_norm_y = RMSNorm(cfg.head_dim)
         self.proj_x = Linear(cfg.dim_x, cfg.dim_x)
-        self.proj_y = Linear(cfg.dim_x, cfg.dim_y) if update_y else None
+        self.proj_y = Linear(cfg.dim_x, cfg.dim_y) if update_y else None  # the last block's text output is unused
 
-    def forward(self, x, y, rope, packing: TextPacking, kernel: AttentionKernel, cp: ContextParallel | None = None):
-        """x (B, N, Dx), y (B, L, Dy) -> x_attn (B, N, Dx), y_attn (B, L, Dy) or None in the last block.
+    def forward(self, x, y, rope, packing: TextPacking, kernel: AttentionKernel, layout: TokenLayout):
+        """x (B, N, Dx), y (B, L, Dy), rope (cos, sin) -> x_attn (B, N, Dx), y_attn (B, L, Dy) or None (last block)."""
+        n = rope[0].shape[0]  # N: the RoPE tables cover every visual token
+        q_x, k_x, v_x = split_heads(layout.tokens_to_heads(self.qkv_x(x), n), self.head_dim)  # (B, H, N, d) each
+        qkv_y = self.qkv_y(packing.gather(y))  # (B, Lp, 3 Dx): the valid text tokens only
+        q_y, k_y, v_y = (layout.local_heads(t, dim=1) for t in split_heads(qkv_y, self.head_dim))  # (B, H, Lp, d) each
 
-        With context parallelism, x holds this rank's M of the N visual tokens; attention runs on all N tokens for
-        this rank's H / G heads, an all-to-all swapping tokens for heads before it and back after it.
-        """
-        split = lambda t: rearrange(t, "b s (three h d) -> three b h s d", three=3, d=self.head_dim)
-        qkv_x = self.qkv_x(x)  # (B, N, 3 Dx), or (B, M, 3 Dx) under context parallelism
-        if cp is not None:
-            qkv_x = cp.tokens_to_heads(qkv_x, num_tokens=rope[0].shape[0])  # (B, N, 3 Dx / G): all tokens
-        q_x, k_x, v_x = split(qkv_x)  # (B, H, N, d) each
-        q_y, k_y, v_y = split(self.qkv_y(packing.gather(y)))  # (B, H, Lp, d) each: valid text only
-        if cp is not None:
-            q_y, k_y, v_y = (cp.local_heads(t, dim=1) for t in (q_y, k_y, v_y))  # text is replicated
-        n = q_x.shape[2]
-        q_x = apply_rope(self.q_norm_x(q_x), *rope)
-        k_x = apply_rope(self.k_norm_x(k_x), *rope)
-        q = torch.cat([q_x, self.q_norm_y(q_y)], dim=2)  # (B, H, N + Lp, d)
-        k = torch.cat([k_x, self.k_norm_y(k_y)], dim=2)
-        v = torch.cat([v_x, v_y], dim=2)
-
+        q = torch.cat([apply_rope(self.q_norm_x(q_x), *rope), self.q_norm_y(q_y)], dim=2)  # (B, H, N + Lp, d)
+        k = torch.cat([apply_rope(self.k_norm_x(k_x), *rope), self.k_norm_y(k_y)], dim=2)  # (B, H, N + Lp, d)
+        v = torch.cat([v_x, v_y], dim=2)  # (B, H, N + Lp, d)
         out = rearrange(kernel(q, k, v, n, packing), "b h s d -> b s (h d)")  # (B, N + Lp, Dx)
-        out_x, out_y = out[:, :n], out[:, n:]
-        if cp is not None:
-            out_x = cp.heads_to_tokens(out_x)  # (B, M, Dx): this rank's tokens, all heads
-            out_y = cp.gather_heads(out_y)  # (B, Lp, Dx): all heads
-        x_attn = self.proj_x(out_x)  # (B, N, Dx)
+
+        x_attn = self.proj_x(layout.heads_to_tokens(out[:, :n]))  # (B, N, Dx)
         if self.proj_y is None:
             return x_attn, None
-        return x_attn, self.proj_y(packing.scatter(out_y))  # (B, L, Dy), padding rows = proj_y bias
+        out_y = packing.scatter(layout.gather_heads(out[:, n:]))  # (B, L, Dx), zeros at padding positions
+        return x_attn, self.proj_y(out_y)  # (B, L, Dy): padding rows hold proj_y's bias, as in the reference
 
 
 class AsymmetricJointBlock(nn.Module):
@@ -125,19 +109,19 @@ class AsymmetricJointBlock(nn.Module):
         self.mlp_x = FeedForward(cfg.dim_x, cfg.mlp_hidden_x)
         self.mlp_y = FeedForward(cfg.dim_y, cfg.mlp_hidden_y) if update_y else None
 
-    def forward(self, x, y, c_act, rope, packing: TextPacking, kernel: AttentionKernel, cp=None):
+    def forward(self, x, y, c_act, rope, packing: TextPacking, kernel: AttentionKernel, layout: TokenLayout):
         """x (B, N, Dx), y (B, L, Dy), c_act = silu(c) (B, Dx) -> updated x, y."""
         scale_msa_x, gate_msa_x, scale_mlp_x, gate_mlp_x = self.mod_x(c_act).chunk(4, dim=-1)  # (B, Dx) each
-        mod_y = self.mod_y(c_act)  # (B, 4 Dy), or (B, Dy) in the last block
-        scale_msa_y = mod_y if not self.update_y else mod_y.chunk(4, dim=-1)[0]
+        if self.update_y:
+            scale_msa_y, gate_msa_y, scale_mlp_y, gate_mlp_y = self.mod_y(c_act).chunk(4, dim=-1)  # (B, Dy) each
+        else:
+            scale_msa_y = self.mod_y(c_act)  # (B, Dy): the last block only modulates the text it attends with
 
-        x_attn, y_attn = self.attn(
-            modulated_rms_norm(x, scale_msa_x), modulated_rms_norm(y, scale_msa_y), rope, packing, kernel, cp
-        )
+        x_in, y_in = modulated_rms_norm(x, scale_msa_x), modulated_rms_norm(y, scale_msa_y)
+        x_attn, y_attn = self.attn(x_in, y_in, rope, packing, kernel, layout)
         x = residual_gated_rms_norm(x, x_attn, gate_msa_x)  # (B, N, Dx)
         x = residual_gated_rms_norm(x, self.mlp_x(modulated_rms_norm(x, scale_mlp_x)), gate_mlp_x)
         if self.update_y:
-            _, gate_msa_y, scale_mlp_y, gate_mlp_y = mod_y.chunk(4, dim=-1)  # (B, Dy) each
             y = residual_gated_rms_norm(y, y_attn, gate_msa_y)  # (B, L, Dy)
             y = residual_gated_rms_norm(y, self.mlp_y(modulated_rms_norm(y, scale_mlp_y)), gate_mlp_y)
         return x, y
@@ -150,21 +134,27 @@ class AsymmDiT(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.attention = AttentionKernel(attention_backend, attention_chunk)
+        self.token_layout = TokenLayout()  # all tokens in this process; see set_token_layout
         p = cfg.patch_size
-        self.x_embedder = nn.Module()
+        self.x_embedder = nn.Module()  # holds `proj`, so the parameter names match the native checkpoint's
         self.x_embedder.proj = nn.Conv2d(cfg.in_channels, cfg.dim_x, kernel_size=p, stride=p)
         self.t_embedder = TimestepEmbedder(cfg.dim_x, cfg.timestep_freq_dim)
         self.t5_y_embedder = AttentionPool(cfg.text_dim, cfg.pool_heads, cfg.dim_x)
         self.t5_yproj = Linear(cfg.text_dim, cfg.dim_y)
-        self.pos_frequencies = nn.Parameter(torch.zeros(3, cfg.num_heads, cfg.head_dim // 2))
+        self.pos_frequencies = nn.Parameter(torch.zeros(3, cfg.num_heads, cfg.head_dim // 2))  # learned RoPE
         self.blocks = nn.ModuleList(AsymmetricJointBlock(cfg, update_y=i < cfg.depth - 1) for i in range(cfg.depth))
         self.final_layer = FinalLayer(cfg.dim_x, p * p * cfg.in_channels)
-        self.context_parallel: ContextParallel | None = None  # set by MochiPipeline.enable_context_parallel
         self._rope_cache: tuple | None = None  # (grid key, (cos, sin)): see rope_tables
 
     def set_attention(self, backend: str = "auto", chunk: int | None = None) -> AsymmDiT:
         """Choose the attention kernel at run time ("auto", "sdpa", "flash", "sage") and SDPA's query chunk."""
         self.attention = AttentionKernel(backend, chunk)
+        return self
+
+    def set_token_layout(self, layout: TokenLayout | None = None) -> AsymmDiT:
+        """Share each forward's tokens with other processes (`distributed.ContextParallel.token_layout()`), or
+        with None keep them all in this process."""
+        self.token_layout = layout if layout is not None else TokenLayout()
         return self
 
     def compile_blocks(self, **compile_kwargs) -> AsymmDiT:
@@ -190,6 +180,7 @@ class AsymmDiT(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
+        """The compute dtype: that of the weights outside the fp32 ones."""
         return self.t5_yproj.weight.dtype
 
     def forward(
@@ -206,29 +197,27 @@ class AsymmDiT(nn.Module):
             text_mask = torch.ones(text_features.shape[:2], dtype=torch.bool, device=latents.device)
         p, dtype = self.cfg.patch_size, self.dtype
         rows, cols = h // p, w // p
+        layout = self.token_layout
 
         frames = rearrange(latents.to(dtype), "b c t h w -> (b t) c h w")
         x = rearrange(self.x_embedder.proj(frames), "(b t) d h w -> b (t h w) d", b=b)  # (B, N, Dx)
+        x = layout.split_tokens(x)  # (B, N, Dx): this process's share of the tokens
         c = self.t_embedder(sigma) + self.t5_y_embedder(text_features, text_mask)  # (B, Dx)
-        c_act = F.silu(c)
+        c_act = F.silu(c)  # (B, Dx): every block's modulation input
         y = self.t5_yproj(text_features.to(dtype))  # (B, L, Dy)
-        rope = self.rope_tables(t, rows, cols, latents.device)  # (N, H, d/2) each, fp32
-        packing = TextPacking.from_mask(text_mask)
-        cp = self.context_parallel
-        if cp is not None:  # this rank keeps M of the N tokens, and H / G heads in attention
-            x = cp.split_tokens(x)  # (B, M, Dx)
-            rope = tuple(cp.local_heads(r, dim=1) for r in rope)  # (N, H / G, d/2) each
+        packing = TextPacking.from_mask(text_mask)  # where each sample's valid text tokens are
+        rope = self.rope_tables(t, rows, cols, latents.device)  # (cos, sin), each (N, H, d/2) fp32
+        rope = tuple(layout.local_heads(r, dim=1) for r in rope)  # this process's heads
 
         for block in self.blocks:
-            x, y = block(x, y, c_act, rope, packing, self.attention, cp)  # (B, N, Dx), (B, L, Dy)
+            x, y = block(x, y, c_act, rope, packing, self.attention, layout)  # (B, N, Dx), (B, L, Dy)
 
-        x = self.final_layer(x, c_act)  # (B, N, p*p*C)
-        if cp is not None:
-            x = cp.gather_tokens(x, num_tokens=t * rows * cols)  # (B, N, p*p*C) on every rank
+        x = layout.gather_tokens(self.final_layer(x, c_act), num_tokens=t * rows * cols)  # (B, N, p*p*C)
         v = rearrange(x, "b (t h w) (p1 p2 c) -> b c t (h p1) (w p2)", t=t, h=rows, w=cols, p1=p, p2=p)
         return v.float()  # (B, C, T, H, W)
 
     def _check_inputs(self, latents, text_features, text_mask):
+        """Explain wrong shapes before they fail deep inside a block; -> (B, C, T, H, W)."""
         cfg = self.cfg
         if latents.ndim != 5 or latents.shape[1] != cfg.in_channels:
             raise ValueError(f"latents must be (B, {cfg.in_channels}, T, H, W); got {tuple(latents.shape)}")

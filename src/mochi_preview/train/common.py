@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import random
 import warnings
 from dataclasses import asdict, dataclass
@@ -22,6 +21,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
+
+from ..files import write_atomic
 
 CHECKPOINT_FORMAT = 1
 
@@ -185,13 +186,10 @@ class Trainer:
         tensors, meta = self.state()
         # clone: tied weights (T5's shared embedding) are one tensor under two names, which safetensors refuses.
         tensors = {k: v.detach().cpu().clone(memory_format=torch.contiguous_format) for k, v in tensors.items()}
-        for name, write in [
-            ("state.safetensors", lambda f: save_file(tensors, f, metadata={"step": str(self.step)})),
-            ("state.json", lambda f: Path(f).write_text(json.dumps(meta, indent=1))),
-        ]:
-            tmp = path / f".{name}.tmp"
-            write(str(tmp))
-            os.replace(tmp, path / name)  # atomic: an interrupted save leaves the previous checkpoint intact
+        # Each file replaced atomically: an interrupted save leaves the previous checkpoint intact.
+        metadata = {"step": str(self.step)}
+        write_atomic(path / "state.safetensors", lambda f: save_file(tensors, str(f), metadata=metadata), replace=True)
+        write_atomic(path / "state.json", lambda f: f.write_text(json.dumps(meta, indent=1)), replace=True)
 
     def load(self, path: str | Path) -> None:
         """Restore a checkpoint written by `save` into this trainer (same model and config shapes)."""

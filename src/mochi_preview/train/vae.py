@@ -70,7 +70,7 @@ class VAETrainer(Trainer):
         z = mean
         if cfg.sample_posterior:
             z = mean + (0.5 * logvar).exp() * torch.randn(mean.shape, generator=self.generator)
-        recon = self.decoder.forward_chunk(z)  # the plain network: no tiling or chunking while training
+        recon = self.decoder(z)  # the plain network: no tiling or chunking while training
         terms = vae_losses(x, recon, mean, logvar, cfg)
         loss = terms["recon"] + cfg.colour_weight * terms["colour"] + cfg.kl_weight * terms["kl"]
         psnr = 10 * torch.log10(4.0 / terms["mse"].clamp_min(1e-10))  # the signal spans [-1, 1]: peak^2 = 4
@@ -81,7 +81,7 @@ class VAETrainer(Trainer):
 def reconstruct(encoder: nn.Module, decoder: nn.Module, videos: torch.Tensor) -> torch.Tensor:
     """uint8 (B, 3, T, H, W) -> decoded from the posterior mean, float in [-1, 1] (check colours before the DiT)."""
     mean, _ = encoder(videos.float() / 127.5 - 1.0)
-    return decoder.forward_chunk(mean).float().clamp(-1.0, 1.0)
+    return decoder(mean).float().clamp(-1.0, 1.0)
 
 
 @torch.no_grad()

@@ -1,10 +1,10 @@
 """Building blocks of the AsymmVAE: causal 3D convolution, per-frame group norm, residual block, causal temporal
 attention and depth-to-space-time.
 
-Modules that carry state along time take an optional `cache`: a dict that maps each such module to what it needs
-from earlier chunks of the same stream (a convolution's last input frames, attention keys and values, whether the
-stream has started). Feeding a video in successive time chunks with one shared dict gives the same result as feeding
-it whole; `cache=None` means "the whole video at once".
+Modules that carry state along time take an optional `state` (a `StreamState`, see stream.py) holding what they
+need from earlier chunks of the same stream: a convolution's last input frames, attention keys and values, whether
+the video has started. Feeding a video in successive time chunks with one shared state gives the same result as
+feeding it whole; `state=None` means "the whole video at once".
 """
 
 from __future__ import annotations
@@ -14,9 +14,16 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-Cache = dict[nn.Module, object]
+from .stream import StreamState
 
 GROUP_NORM_CHUNK = 2**24  # elements normalized at once (64 MiB in fp32), so the fp32 copy stays small
+STEP_ELEMENTS = 2**22  # values per step of a decoder level at inference (see frames_per_step)
+
+
+def frames_per_step(frame_values: int) -> int:
+    """Frames per step of a decoder level whose frame holds `frame_values` values (B * C * H * W): one frame at the
+    large levels (least memory), several at the small ones, where per-call overhead would otherwise dominate."""
+    return max(1, STEP_ELEMENTS // frame_values)
 
 
 class CausalConv3d(nn.Conv3d):
@@ -25,16 +32,17 @@ class CausalConv3d(nn.Conv3d):
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1):
         super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=0, bias=True)
 
-    def forward(self, x: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, state: StreamState | None = None) -> torch.Tensor:
         kt, kh, kw = self.kernel_size
         pt, ph, pw = kt - 1, (kh - 1) // 2, (kw - 1) // 2
         if pt or ph or pw:
             # One replicate pad of all three axes equals time-then-space padding (every padded frame is a copy).
             x = F.pad(x, (pw, pw, ph, ph, pt, 0), mode="replicate")  # (B, C, pt + T, H + 2ph, W + 2pw)
-        if cache is not None and pt:
-            if self in cache:
-                x[:, :, :pt] = cache[self]  # the previous chunk's last frames replace the replicated ones
-            cache[self] = x[:, :, -pt:].clone()
+        if state is not None and pt:
+            previous = state.conv_frames(self)
+            if previous is not None:
+                x[:, :, :pt] = previous  # the previous chunk's last frames replace the replicated ones
+            state.set_conv_frames(self, x[:, :, -pt:].clone())
         return F.conv3d(x, self.weight, self.bias, self.stride)
 
 
@@ -76,23 +84,23 @@ class CausalTemporalAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.out = nn.Linear(dim, dim, bias=True)
 
-    def forward(self, x: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:  # (B, C, T, H, W)
+    def forward(self, x: torch.Tensor, state: StreamState | None = None) -> torch.Tensor:  # (B, C, T, H, W)
         b, c, t, h, w = x.shape
         x = rearrange(x, "b c t h w -> (b h w) t c")
         qkv = self.qkv(x)  # (N, T, 3C), laid out [q | k | v], heads slowest within each
-        if t == 1 and cache is None:
+        if t == 1 and state is None:
             y = qkv[..., 2 * c :]  # attention over a single key returns its value
         else:
             q, k, v = rearrange(qkv, "n t (three heads d) -> three n heads t d", three=3, d=self.head_dim)
             q = F.normalize(q.float(), dim=-1, eps=1e-12).to(qkv.dtype)
             k = F.normalize(k.float(), dim=-1, eps=1e-12).to(qkv.dtype)
             mask = None
-            if cache is not None:
-                if self in cache:  # queries follow the cached keys: query i sees keys up to len(past) + i
-                    past_k, past_v = cache[self]
-                    k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
+            if state is not None:
+                past = state.attention_kv(self)
+                if past is not None:  # queries follow the earlier keys: query i sees keys up to len(past) + i
+                    k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
                     mask = torch.ones(t, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - t)
-                cache[self] = (k, v)
+                state.set_attention_kv(self, k, v)
             # Chunks of 2^15 sequences: larger batches exceed CUDA launch limits (same result).
             y = torch.cat(
                 [
@@ -113,8 +121,8 @@ class AttentionBlock(nn.Module):
         self.norm = GroupNormSpatial(dim)
         self.attn = CausalTemporalAttention(dim, head_dim)
 
-    def forward(self, x: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:  # (B, C, T, H, W)
-        return x + self.attn(self.norm(x), cache)
+    def forward(self, x: torch.Tensor, state: StreamState | None = None) -> torch.Tensor:  # (B, C, T, H, W)
+        return x + self.attn(self.norm(x), state)
 
 
 class ResBlock(nn.Module):
@@ -133,24 +141,24 @@ class ResBlock(nn.Module):
         )
         self.attn_block = AttentionBlock(dim, head_dim) if attention else None
 
-    def forward(self, x: torch.Tensor, cache: Cache | None = None, step: int | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, state: StreamState | None = None, step: int | None = None) -> torch.Tensor:
         """x (B, C, T, H, W) -> same shape. With `step` (inference only), `step` frames at a time, each result written
-        over its own input frames: the causal caches carry the context, so the numbers are those of the whole-video
+        over its own input frames: the stream state carries the context, so the numbers are those of the whole-video
         pass, with memory for x plus one step's intermediates instead of ~4 copies of x. x is overwritten."""
         if step is None or torch.is_grad_enabled() or x.shape[2] <= step:
-            return self._residual(x, cache)
-        cache = {} if cache is None else cache
+            return self._residual(x, state)
+        state = StreamState() if state is None else state
         for t0 in range(0, x.shape[2], step):
-            x[:, :, t0 : t0 + step] = self._residual(x[:, :, t0 : t0 + step], cache)
+            x[:, :, t0 : t0 + step] = self._residual(x[:, :, t0 : t0 + step], state)
         return x
 
-    def _residual(self, x: torch.Tensor, cache: Cache | None) -> torch.Tensor:  # (B, C, T, H, W)
+    def _residual(self, x: torch.Tensor, state: StreamState | None) -> torch.Tensor:  # (B, C, T, H, W)
         norm1, act1, conv1, norm2, act2, conv2 = self.stack
-        h = conv1(act1(norm1(x)), cache)
-        h = conv2(act2(norm2(h)), cache)
+        h = conv1(act1(norm1(x)), state)
+        h = conv2(act2(norm2(h)), state)
         h += x  # in place on the conv's fresh output (autograd-safe: a conv does not keep its output)
         if self.attn_block is not None:
-            h = self.attn_block(h, cache)
+            h = self.attn_block(h, state)
         return h
 
 
@@ -161,12 +169,12 @@ class DepthToSpaceTime(nn.Module):
         super().__init__()
         self.temporal, self.spatial = temporal, spatial
 
-    def forward(self, x: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, state: StreamState | None = None) -> torch.Tensor:
         st, s = self.temporal, self.spatial
         x = rearrange(x, "b (c st sh sw) t h w -> b c (t st) (h sh) (w sw)", st=st, sh=s, sw=s)
-        first_chunk = cache is None or self not in cache
-        if cache is not None:
-            cache[self] = True  # the stream has started: later chunks keep all their frames
+        first_chunk = state is None or not state.started(self)
+        if state is not None:
+            state.mark_started(self)  # later chunks of the stream keep all their frames
         if first_chunk and st > 1:
             # Sub-frames before latent frame 0 are not part of the video (causal: frame 0 stands alone).
             x = x[:, :, st - 1 :]

@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .decode import decode, frames_per_step
-from .layers import Cache, CausalConv3d, Conv1x1, DepthToSpaceTime, GroupNormSpatial, ResBlock
+from ..geometry import VideoGeometry
+from .layers import CausalConv3d, Conv1x1, DepthToSpaceTime, GroupNormSpatial, ResBlock, frames_per_step
+from .stream import StreamState
 
 
 @dataclass(frozen=True)
@@ -49,9 +50,16 @@ class DecoderConfig:
     def spatial_factor(self) -> int:
         return math.prod(self.spatial_expansions)
 
+    @property
+    def geometry(self) -> VideoGeometry:
+        """This decoder's frame and pixel rule (6x time, 8x space for the published one; the VAE alone: patch 1)."""
+        return VideoGeometry(
+            temporal=self.temporal_factor, spatial=self.spatial_factor, patch=1, channels=self.latent_dim
+        )
+
     def num_frames(self, latent_frames: int) -> int:
         """Video frames decoded from `latent_frames`: each stage drops st - 1 of its T*st frames."""
-        return (latent_frames - 1) * self.temporal_factor + 1
+        return self.geometry.num_frames(latent_frames)
 
 
 @dataclass(frozen=True)
@@ -89,6 +97,13 @@ class EncoderConfig:
     def spatial_factor(self) -> int:
         return math.prod(self.spatial_reductions)
 
+    @property
+    def geometry(self) -> VideoGeometry:
+        """The frame and pixel rule of this encoder's input (the VAE alone: no DiT patches, so patch 1)."""
+        return VideoGeometry(
+            temporal=self.temporal_factor, spatial=self.spatial_factor, patch=1, channels=self.latent_dim
+        )
+
 
 class UpsampleBlock(nn.Module):
     """ResBlocks at the input width, a channel projection, then depth-to-space-time."""
@@ -99,18 +114,18 @@ class UpsampleBlock(nn.Module):
         self.proj = Conv1x1(c_in, c_out * temporal * spatial**2)
         self.d2st = DepthToSpaceTime(temporal, spatial)
 
-    def forward(self, x: torch.Tensor, cache: Cache | None = None, step: int | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, state: StreamState | None = None, step: int | None = None) -> torch.Tensor:
         """(B, C_in, T, H, W) -> (B, C_out, T * st (- st + 1 on the first chunk), H * s, W * s); `step`: see
         ResBlock (the projection and depth-to-space then also go `step` frames at a time, into one output)."""
         if step is not None and not torch.is_grad_enabled():
-            cache = {} if cache is None else cache
+            state = StreamState() if state is None else state
         else:
             step = None
         for block in self.blocks:
-            x = block(x, cache, step)
+            x = block(x, state, step)
         if step is None or x.shape[2] <= step:
-            return self.d2st(self.proj(x), cache)
-        pieces = (self.d2st(self.proj(x[:, :, t0 : t0 + step]), cache) for t0 in range(0, x.shape[2], step))
+            return self.d2st(self.proj(x), state)
+        pieces = (self.d2st(self.proj(x[:, :, t0 : t0 + step]), state) for t0 in range(0, x.shape[2], step))
         first = next(pieces)
         b, c, t_first, h, w = first.shape
         out = first.new_empty(b, c, t_first + (x.shape[2] - step) * self.d2st.temporal, h, w)
@@ -142,31 +157,30 @@ class Decoder(nn.Module):
         self.output_proj = Conv1x1(c[0], cfg.out_channels)
 
     def forward(
-        self,
-        z: torch.Tensor,
-        mode: str = "auto",
-        *,
-        frames_per_chunk: int | None = None,
-        tiles: tuple[int, int] | None = None,
-        overlap: int = 8,
-        memory_budget: int | None = None,
+        self, z: torch.Tensor, state: StreamState | None = None, step: int | str | None = "auto"
     ) -> torch.Tensor:
-        """Raw VAE-space latents (B, 12, T, H, W) -> float32 video (B, 3, 6T - 5, 8H, 8W), not clamped.
+        """The network: raw VAE-space latents (B, 12, T, H, W) -> the float video of that chunk, (B, 3, T_out, 8H, 8W)
+        in the decoder's dtype, not clamped. T_out is 6T - 5 for a chunk that starts the video and 6T for a later one.
 
-        mode: "auto" (default: the least tiling that fits `memory_budget` bytes, else 80% of the free memory),
-        "full", "streaming" (`frames_per_chunk` latent frames at a time; same result as full) or "tiled" (`tiles`
-        = (rows, cols) cross-faded over `overlap` latent pixels, streamed too if `frames_per_chunk` is set).
-        See `vae.decode` for details.
+        This is one pass of the network, with no memory planning: to decode latents in chunks, tiles or across ranks
+        and get a float32 video, use `vae.decode(decoder, z, ...)`. `state` carries the causal context between time
+        chunks of one stream (a `StreamState`; None: the whole video at once). At inference every level runs `step` of
+        its frames at a time (see ResBlock): the same numbers, with about one copy of each level's activation alive
+        instead of several. "auto" sizes the step per level (`frames_per_step`); None runs each level on all its
+        frames at once. Latents in another dtype (often fp32 for a bf16 decoder) are cast at the entrance.
         """
-        return decode(
-            self,
-            z,
-            mode,
-            frames_per_chunk=frames_per_chunk,
-            tiles=tiles,
-            overlap=overlap,
-            memory_budget=memory_budget,
-        )
+        z = z.to(self.output_proj.weight.dtype)
+        level_step = lambda x: frames_per_step(x[:, :, 0].numel()) if step == "auto" else step  # noqa: E731
+        first, *ups, last = self.blocks
+        x = first[0](z)  # (B, C_top, T, H, W)
+        for block in first[1:]:
+            x = block(x, state, level_step(x))
+        for up in ups:
+            x = up(x, state, level_step(x))  # (B, C_next, ~T * st, H * s, W * s)
+        for block in last:
+            x = block(x, state, level_step(x))
+        x = F.silu(x, inplace=True)  # no norm before the last activation in the native decoder
+        return self.output_proj(x)  # (B, 3, T_out, H_out, W_out)
 
     def compile_blocks(self, **compile_kwargs) -> Decoder:
         """Opt in to torch.compile for every ResBlock's residual branch (fusing its group norms and activations with
@@ -175,26 +189,6 @@ class Decoder(nn.Module):
             if isinstance(module, ResBlock):
                 module._residual = torch.compile(module._residual, **compile_kwargs)
         return self
-
-    def forward_chunk(self, z: torch.Tensor, cache: Cache | None = None, step: int | str | None = "auto"):
-        """The network on a (time chunk of a spatial tile of a) latent; `cache` carries state between chunks.
-
-        At inference every level runs `step` of its frames at a time (see ResBlock): the same numbers, with about
-        one copy of each level's activation alive instead of several. "auto" sizes the step per level
-        (`frames_per_step`); None runs each level on all frames at once.
-        """
-        z = z.to(self.output_proj.weight.dtype)  # latents often arrive in fp32 while the decoder runs in bf16
-        level_step = lambda x: frames_per_step(x[:, :, 0].numel()) if step == "auto" else step  # noqa: E731
-        first, *ups, last = self.blocks
-        x = first[0](z)  # (B, C_top, T, H, W)
-        for block in first[1:]:
-            x = block(x, cache, level_step(x))
-        for up in ups:
-            x = up(x, cache, level_step(x))  # (B, C_next, ~T * st, H * s, W * s)
-        for block in last:
-            x = block(x, cache, level_step(x))
-        x = F.silu(x, inplace=True)  # no norm before the last activation in the native decoder
-        return self.output_proj(x)  # (B, 3, T_out, H_out, W_out)
 
 
 def fourier_features(video: torch.Tensor, exponents: tuple[int, ...] = (6, 7)) -> torch.Tensor:
@@ -261,10 +255,5 @@ class Encoder(nn.Module):
                 f"the encoder takes video shaped (B, {channels}, T, H, W) with values in [-1, 1]; "
                 f"got shape {tuple(video.shape)}"
             )
-        t, h, w = video.shape[2:]
-        ft, fs = cfg.temporal_factor, cfg.spatial_factor
-        if (t - 1) % ft:
-            lo = (t - 1) // ft * ft + 1
-            raise ValueError(f"the encoder needs T = {ft}k + 1 frames (e.g. {lo} or {lo + ft}); got T = {t}")
-        if h % fs or w % fs:
-            raise ValueError(f"the encoder needs H and W that are multiples of {fs}; got H = {h}, W = {w}")
+        if problems := cfg.geometry.problems(*video.shape[2:], names={"num_frames": "T", "height": "H", "width": "W"}):
+            raise ValueError(f"the encoder cannot take video shaped {tuple(video.shape)}: " + "; ".join(problems))

@@ -16,12 +16,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..weights import (
+from ..checkpoint import (
     CheckpointError,
-    Recipe,
+    SafetensorsReader,
+    Source,
     concat_rows,
-    identity_layout,
-    load_into_module,
+    load_module,
     native_shapes,
     open_checkpoint,
 )
@@ -32,11 +32,12 @@ NATIVE_MARKER = {"decoder": "blocks.0.0.weight", "encoder": "layers.0.weight"}
 DIFFUSERS_MARKER = {"decoder": "conv_in.weight", "encoder": "proj_in.weight"}
 
 
-def open_vae_checkpoint(path: str | Path, part: str):
+def open_vae_checkpoint(path: str | Path, part: str) -> tuple[SafetensorsReader, dict[str, Source], dict, str]:
     """Find and open the `part` ("decoder" or "encoder") weights under `path`.
 
-    Returns (files, layout, diffusers_config): `files` named without any `decoder.`/`encoder.` prefix, `layout`
-    mapping native key -> recipe over those names, and the diffusers config.json contents ({} for native files).
+    Returns (reader, layout, diffusers_config, layout name): `reader` named without any `decoder.`/`encoder.` prefix,
+    `layout` mapping native key -> source over those names, and the diffusers config.json contents ({} for native
+    files).
     """
     path = Path(path)
     if not path.exists():
@@ -51,18 +52,18 @@ def open_vae_checkpoint(path: str | Path, part: str):
     config = {}
     if path.is_dir() and (path / "config.json").is_file():
         config = json.loads((path / "config.json").read_text())
-    files = open_checkpoint(path)
-    if any(k.startswith(f"{part}.") for k in files.keys()):
-        files = files.select(f"{part}.")
-    if NATIVE_MARKER[part] in files:
-        return files, identity_layout(files.keys()), config
-    if DIFFUSERS_MARKER[part] in files:
-        return files, diffusers_layout(files.keys(), part), config
+    reader = open_checkpoint(path)
+    if any(k.startswith(f"{part}.") for k in reader.keys()):
+        reader = reader.select(f"{part}.")
+    if NATIVE_MARKER[part] in reader:
+        return reader, {}, config, "native"
+    if DIFFUSERS_MARKER[part] in reader:
+        return reader, diffusers_layout(reader.keys(), part), config, "diffusers"
     other = "encoder" if part == "decoder" else "decoder"
     hint = ""
-    if NATIVE_MARKER[other] in files or any(k.startswith(f"{other}.") for k in files.keys()):
+    if NATIVE_MARKER[other] in reader or any(k.startswith(f"{other}.") for k in reader.keys()):
         hint = f" It looks like a VAE {other}."
-    sample = ", ".join(sorted(files.keys())[:3])
+    sample = ", ".join(sorted(reader.keys())[:3])
     raise CheckpointError(
         f"{path} does not hold a Mochi VAE {part}: expected native keys such as {NATIVE_MARKER[part]!r} or "
         f"diffusers keys such as '{part}.{DIFFUSERS_MARKER[part]}'; found keys like {sample}.{hint}"
@@ -87,8 +88,8 @@ def _count(keys, pattern: str) -> int:
     return len({m.group(1) for k in keys if (m := re.match(pattern, k))})
 
 
-def diffusers_layout(keys: list[str], part: str) -> dict[str, Recipe]:
-    """Native key -> recipe over diffusers keys (without the part prefix); unknown keys keep their own name."""
+def diffusers_layout(keys: list[str], part: str) -> dict[str, Source]:
+    """Native key -> source over diffusers keys (without the part prefix); unknown keys are left out (unexpected)."""
     n_in = _count(keys, r"^block_in\.resnets\.(\d+)\.")
     n_blocks = _count(keys, r"^(?:up|down)_blocks\.(\d+)\.")
 
@@ -109,7 +110,7 @@ def diffusers_layout(keys: list[str], part: str) -> dict[str, Recipe]:
         "decoder": {"conv_in": "blocks.0.0", "proj_out": "output_proj"},
         "encoder": {"proj_in": "layers.0", "proj_out": "output_proj", "norm_out.norm_layer": "output_norm"},
     }[part]
-    layout: dict[str, Recipe] = {}
+    layout: dict[str, Source] = {}
     qkv: dict[str, dict[str, str]] = {}
     for key in keys:
         module, _, param = key.rpartition(".")
@@ -132,14 +133,12 @@ def diffusers_layout(keys: list[str], part: str) -> dict[str, Recipe]:
                 native = f"{prefix}.attn_block.attn.out.{param}"
             elif kind == "attentions" and inner in ("to_q", "to_k", "to_v") and param == "weight":
                 qkv.setdefault(f"{prefix}.attn_block.attn.qkv.weight", {})[inner] = key
-                continue
-        layout[native or key] = Recipe((key,))
+        if native is not None:
+            layout[native] = Source((key,))
     for native, parts in qkv.items():
         # The native qkv weight is [q; k; v] stacked along the output rows; diffusers splits it in three.
         if len(parts) == 3:
-            layout[native] = Recipe((parts["to_q"], parts["to_k"], parts["to_v"]), concat_rows)
-        else:
-            layout.update({key: Recipe((key,)) for key in parts.values()})  # reported as unexpected
+            layout[native] = Source((parts["to_q"], parts["to_k"], parts["to_v"]), concat_rows)
     return layout
 
 
@@ -269,23 +268,16 @@ def infer_encoder_config(shapes: Mapping[str, torch.Size]) -> EncoderConfig:
 # Loading
 
 
-def _norm_params(module: nn.Module) -> list[str]:
-    return [
+def _load(
+    module: nn.Module, reader: SafetensorsReader, layout: dict[str, Source], dtype: torch.dtype, device, what: str
+) -> nn.Module:
+    fp32_names = [  # the group norms compute in fp32
         f"{name}.{p}"
         for name, m in module.named_modules()
         if isinstance(m, GroupNormSpatial)
         for p in ("weight", "bias")
     ]
-
-
-def _load(module: nn.Module, files, layout, dtype, device, what: str) -> nn.Module:
-    missing = sorted(set(module.state_dict()) - set(layout))
-    if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise CheckpointError(
-            f"{what} does not match the model: {len(missing)} missing tensors ({shown}; native names)"
-        )
-    load_into_module(module, files, layout, dtype, device, fp32_names=_norm_params(module), what=what)
+    load_module(module, reader, layout, dtype, device, fp32_names, what=what)
     return module.eval().requires_grad_(False)
 
 
@@ -308,13 +300,13 @@ def load_vae_decoder(
     product st*s^2 per stage, split with s = 2 unless `temporal_expansions`/`spatial_expansions` say otherwise.
     """
     _check_dtype(dtype)
-    files, layout, config = open_vae_checkpoint(path, "decoder")
+    reader, layout, config, name = open_vae_checkpoint(path, "decoder")
     temporal_expansions = temporal_expansions or config.get("temporal_expansions")
     spatial_expansions = spatial_expansions or config.get("spatial_expansions")
-    cfg = infer_decoder_config(native_shapes(files, layout), temporal_expansions, spatial_expansions)
+    cfg = infer_decoder_config(native_shapes(reader, layout), temporal_expansions, spatial_expansions)
     with torch.device("meta"):
         decoder = Decoder(cfg)
-    return _load(decoder, files, layout, dtype, device, f"VAE decoder checkpoint {path}")
+    return _load(decoder, reader, layout, dtype, device, f"VAE decoder checkpoint {path} ({name})")
 
 
 def load_vae_encoder(
@@ -322,8 +314,8 @@ def load_vae_encoder(
 ) -> Encoder:
     """The VAE encoder, shape inferred from the weights; `encoder(video)` -> (mean, logvar)."""
     _check_dtype(dtype)
-    files, layout, _ = open_vae_checkpoint(path, "encoder")
-    cfg = infer_encoder_config(native_shapes(files, layout))
+    reader, layout, _, name = open_vae_checkpoint(path, "encoder")
+    cfg = infer_encoder_config(native_shapes(reader, layout))
     with torch.device("meta"):
         encoder = Encoder(cfg)
-    return _load(encoder, files, layout, dtype, device, f"VAE encoder checkpoint {path}")
+    return _load(encoder, reader, layout, dtype, device, f"VAE encoder checkpoint {path} ({name})")
