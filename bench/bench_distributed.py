@@ -88,8 +88,8 @@ def worker(args) -> None:
     from mochi_preview.distributed import ContextParallel, init_distributed
 
     torch.set_num_threads(1)
-    init_distributed()
-    cp = ContextParallel(cfg_parallel=args.mode == "cfg")
+    device = init_distributed(device="cpu")  # gloo, also on a machine with GPUs: this bench measures CPU processes
+    cp = ContextParallel(cfg_parallel=args.mode == "cfg", device=device)
     model = make_model()
     model.set_token_layout(cp.token_layout())
     result = generate(model, args.steps, args.mode == "cfg", cp)

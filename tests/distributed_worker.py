@@ -7,8 +7,11 @@ Rank 0 saves what it computed to OUT (torch.save); tests/test_distributed.py com
 from __future__ import annotations
 
 import copy
+import dataclasses
+import os
 import sys
 import time
+from unittest import mock
 
 import torch
 import torch.distributed as dist
@@ -25,7 +28,11 @@ CFG = DiTConfig(depth=2, num_heads=6, head_dim=32, dim_y=64, mlp_hidden_x=256, m
 LATENT_SHAPES = [(1, 12, 2, 4, 10), (1, 12, 3, 2, 10)]
 SIGMAS = linear_quadratic_schedule(3)
 GUIDANCE = 4.5
+GUIDANCE_WITH_1 = [4.5, 1.0, 4.5]  # step 2 runs the prompt alone (odd batch under CFG parallelism)
 TILED = dict(tiles=(1, 2), overlap=1)  # two tiles across, sharing one latent column
+# "auto" decode with a different free memory on each rank: alone, the ranks would choose different tiles
+AUTO_SHAPE, AUTO_OVERLAP = (1, 12, 5, 4, 8), 1
+FREE_MIB = (260, 235, 222)  # per rank
 DECODERS = {
     "plain": DecoderConfig(channels=(32, 32, 32, 32), num_res_blocks=(1, 1, 1, 1, 1)),
     "attention": DecoderConfig(channels=(32, 32, 32, 32), num_res_blocks=(1, 1, 1, 1, 1), has_attention=(True,) * 5),
@@ -64,6 +71,8 @@ def reference(dit: AsymmDiT) -> dict:
         for shape in LATENT_SHAPES:
             z = make_latents(shape)
             out[f"{shape}/latents"] = denoise(dit, z, SIGMAS, cond, uncond, GUIDANCE)
+            if shape == LATENT_SHAPES[0]:
+                out[f"{shape}/latents_guidance_1"] = denoise(dit, z, SIGMAS, cond, uncond, GUIDANCE_WITH_1)
             zz = torch.cat([z, -z])
             out[f"{shape}/batch2"] = dit(zz, torch.tensor([0.7, 0.2]), *batch)
     return out
@@ -86,6 +95,9 @@ def run_dit(cfg_parallel: bool) -> dict:
             for shape in LATENT_SHAPES:
                 z = make_latents(shape)
                 out[f"{name}{shape}/latents"] = denoise(model, z, SIGMAS, cond, uncond, GUIDANCE, cfg_parallel)
+                if shape == LATENT_SHAPES[0]:
+                    g1 = denoise(model, z, SIGMAS, cond, uncond, GUIDANCE_WITH_1, cfg_parallel)
+                    out[f"{name}{shape}/latents_guidance_1"] = g1
                 if not cfg_parallel:
                     zz = torch.cat([z, -z])
                     out[f"{name}{shape}/batch2"] = dit(zz, torch.tensor([0.7, 0.2]), *batch)
@@ -107,6 +119,21 @@ def run_vae() -> dict:
         z = make_latents((1, 12, 5, 3, 4))
         out["plain/5/tiled"] = decode(make_decoder("plain"), z, mode="tiled", group=dist.group.WORLD, **TILED)
     return out
+
+
+def run_vae_auto() -> dict:
+    """Mode "auto" where each rank sees its own free memory (FREE_MIB): every rank's video, gathered on rank 0."""
+    rank = dist.get_rank()
+    decode_module = sys.modules["mochi_preview.vae.decode"]
+    with torch.no_grad(), mock.patch.object(decode_module, "free_memory", lambda device: FREE_MIB[rank] * 2**20):
+        video = decode(make_decoder("plain"), make_latents(AUTO_SHAPE), overlap=AUTO_OVERLAP, group=dist.group.WORLD)
+    # Every rank's video, shape included (a rank that planned differently would not even have the same shape).
+    shapes = [None] * dist.get_world_size()
+    dist.all_gather_object(shapes, tuple(video.shape))
+    assert len(set(shapes)) == 1, shapes
+    videos = [torch.empty_like(video) for _ in shapes]
+    dist.all_gather(videos, video)
+    return {"videos": torch.stack(videos)}
 
 
 def run_failure(hang: bool) -> None:
@@ -131,20 +158,115 @@ def run_failure(hang: bool) -> None:
         raise
 
 
+def run_failure_in_denoise() -> None:
+    """Rank 1 raises in the DiT's second block on its second call (the sampler's step 2 of 3), while the others wait
+    for it in that block's all-to-all or in the CFG all-gather."""
+    cp = ContextParallel()  # CFG parallel with an even rank count
+    dit = make_dit().set_token_layout(cp.token_layout())
+    calls = []
+
+    def boom(module, args):
+        calls.append(None)
+        if cp.rank == 1 and len(calls) == 2:
+            print(f"raising at {time.time():.3f} in step 2", flush=True)
+            raise ValueError("boom from the test")
+
+    dit.blocks[1].attn.qkv_x.register_forward_pre_hook(boom)
+    cond, uncond, _ = make_text()
+    cfg = cp.cfg_group is not None
+    with cp.guard(), torch.no_grad():
+        denoise(CFGParallelDiT(dit, cp) if cfg else dit, make_latents(LATENT_SHAPES[0]), SIGMAS, cond, uncond, 4.5, cfg)
+
+
+def run_device() -> dict:
+    """ContextParallel without a device in a group the user made, on a machine with GPUs (stand-in: torch.cuda
+    patched; the group is gloo): each rank takes cuda:LOCAL_RANK and makes it current, whatever the current device."""
+    made_current = []
+    with (
+        mock.patch("torch.cuda.is_available", return_value=True),
+        mock.patch("torch.cuda.current_device", return_value=0),
+        mock.patch("torch.cuda.set_device", side_effect=made_current.append),
+    ):
+        cp = ContextParallel(cfg_parallel=False)
+    cp.close()
+    seen = [None] * dist.get_world_size()
+    dist.all_gather_object(seen, (os.environ["LOCAL_RANK"], str(cp.device), [str(d) for d in made_current]))
+    return {"per_rank": seen}
+
+
+PIPELINE_CALL = dict(width=48, height=32, num_frames=13, num_inference_steps=2, seed=3, progress=False)
+
+
+def run_offload() -> dict:
+    """Memory modes with a sharded DiT, on the tiny model folder named by $MOCHI_TEST_MODEL. Sequential CPU offload
+    and context parallelism in both orders of calls: what each order says, and that it changed nothing before saying
+    it. Model CPU offload (device stand-in: offload.LedgerMover, which copies every weight it "moves"): the frames of
+    two generations in a row."""
+    from mochi_preview import MochiPipeline
+    from mochi_preview.distributed import is_sharded
+    from mochi_preview.offload import LedgerMover
+
+    folder = os.environ["MOCHI_TEST_MODEL"]
+    load = lambda **kw: MochiPipeline.from_pretrained(folder, torch_dtype=torch.float32, device="cpu", **kw)
+    out = {}
+    pipe = load(context_parallel=True, shard_dit=True).set_memory_mode("model", mover=LedgerMover(2**34))
+    out["model offload, sharded"] = [torch.from_numpy(pipe("a red ball", **PIPELINE_CALL).frames[0]) for _ in "12"]
+    out["model offload, moved bytes"] = pipe.memory_record()["moved_bytes"]["dit"]
+    pipe = load().enable_context_parallel(shard_dit=True)
+    before = pipe.offload
+    try:
+        pipe.enable_sequential_cpu_offload()
+        out["sharded, then sequential offload"] = None
+    except ValueError as e:
+        out["sharded, then sequential offload"] = (str(e), pipe.offload == before)
+    pipe = load().enable_sequential_cpu_offload()
+    try:
+        pipe.enable_context_parallel(shard_dit=True)
+        out["sequential offload, then sharded"] = None
+    except ValueError as e:
+        out["sequential offload, then sharded"] = (str(e), pipe.cp is None and not is_sharded(pipe.dit))
+    return out
+
+
+def run_disagreement() -> dict:
+    """Ranks that pass different settings, or hold different models: every rank refuses (none waits forever)."""
+    rank, out = dist.get_rank(), {}
+    try:
+        ContextParallel(cfg_parallel=rank == 0)  # rank 0 asks for CFG halves, the others do not
+    except ValueError as e:
+        out["cfg_parallel"] = str(e)
+    cp = ContextParallel(cfg_parallel=False)
+    dit = AsymmDiT(CFG if rank == 0 else dataclasses.replace(CFG, depth=CFG.depth + 1))
+    try:
+        shard_dit(dit, cp)
+    except ValueError as e:
+        out["depth"] = str(e)
+    cp.close()
+    messages = [None] * dist.get_world_size()
+    dist.all_gather_object(messages, out)
+    return {"per_rank": messages}
+
+
 SCENARIOS = {
     "dit": lambda: run_dit(cfg_parallel=False),
     "dit_cfg": lambda: run_dit(cfg_parallel=True),
     "vae": run_vae,
+    "vae_auto": run_vae_auto,
     "fail": lambda: run_failure(hang=False),
     "fail_hang": lambda: run_failure(hang=True),
+    "fail_denoise": run_failure_in_denoise,
+    "device": run_device,
+    "offload": run_offload,
+    "disagree": run_disagreement,
 }
 
 
 def run(out_path: str, scenarios: list[str]) -> None:
     """This rank's part: join the group (torchrun's env vars), run the scenarios, rank 0 saving after each."""
     torch.set_num_threads(1)
-    init_distributed(timeout=60)
-    results = {}
+    with mock.patch("torch.cuda.is_available", return_value=True):  # as if on a GPU machine: --device cpu -> gloo
+        device = init_distributed(timeout=60, device="cpu")
+    results = {"setup": {"backend": dist.get_backend(), "device": str(device)}}
     for name in scenarios:  # the failure scenarios come last
         results[name] = SCENARIOS[name]()
         if dist.get_rank() == 0:

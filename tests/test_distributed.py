@@ -1,7 +1,9 @@
-"""Context parallelism on CPU with gloo: 2, 3 and 4 processes give what one process gives; failures stop every rank.
+"""Context parallelism on CPU with gloo: 2, 3 and 4 processes give what one process gives; failures stop every rank;
+every choice that shapes a collective is the same on every rank.
 
 Each launch forks real processes with the environment torchrun sets, and runs several scenarios; rank 0 saves its
-results and the test compares them with this process. The CLI test starts torchrun itself.
+results and the test compares them with this process. The CLI test starts torchrun itself. GPU behaviour (the
+backend, the device) is shown with stand-ins: torch.cuda functions patched, gloo groups.
 """
 
 from __future__ import annotations
@@ -19,11 +21,27 @@ from pathlib import Path
 
 import pytest
 import torch
-from distributed_worker import DECODERS, TILED, make_decoder, make_dit, make_latents, reference, run
+from distributed_worker import (
+    AUTO_OVERLAP,
+    AUTO_SHAPE,
+    DECODERS,
+    FREE_MIB,
+    PIPELINE_CALL,
+    TILED,
+    make_decoder,
+    make_dit,
+    make_latents,
+    reference,
+    run,
+)
 from model_folders import save_native_model
 
+from mochi_preview import distributed
+from mochi_preview.distributed import check_backend, check_compatible, default_device, init_distributed, resolve_device
 from mochi_preview.infer import main
-from mochi_preview.vae import decode
+from mochi_preview.pipeline import MochiPipeline
+from mochi_preview.vae import decode, plan_decode
+from mochi_preview.vae.decode import DEFAULT_BUDGET_FRACTION
 from mochi_preview.video import read_video
 
 RTOL = 1e-5
@@ -105,17 +123,24 @@ def expected():
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """One launch per world size: sequence parallel, CFG parallel (even sizes), the split VAE decode, then a failure.
+    """One launch per world size: sequence parallel, CFG parallel (even sizes), the split VAE decode (also "auto" with
+    a different free memory per rank), the device and memory-mode checks, then a failure.
 
-    With 2 ranks, rank 1 raises and exits; with 3, rank 1 raises and its process lives on (only ranks 0 and 2
-    are waited for).
+    With 2 ranks, rank 1 raises in the first block and exits; with 3, the same but its process lives on (only ranks
+    0 and 2 are waited for); with 4, rank 1 raises in the second block of the sampler's second step and exits.
     """
     plan = {
-        2: (("dit", "dit_cfg", "vae", "fail"), None),
-        3: (("dit", "vae", "fail_hang"), [0, 2]),
-        4: (("dit_cfg",), None),
+        2: (("dit", "dit_cfg", "vae", "vae_auto", "device", "offload", "disagree", "fail"), None),
+        3: (("dit", "vae", "vae_auto", "fail_hang"), [0, 2]),
+        4: (("dit_cfg", "fail_denoise"), None),
     }
-    return {n: launch(tmp_path_factory.mktemp(f"world{n}"), n, *s, wait_for=w) for n, (s, w) in plan.items()}
+    model = save_native_model(tmp_path_factory.mktemp("model"))  # for the memory-mode checks (run_offload)
+    os.environ["MOCHI_TEST_MODEL"] = str(model)
+    try:
+        done = {n: launch(tmp_path_factory.mktemp(f"world{n}"), n, *s, wait_for=w) for n, (s, w) in plan.items()}
+        return {**done, "model": model}
+    finally:
+        del os.environ["MOCHI_TEST_MODEL"]
 
 
 def results(run: dict, scenario: str) -> dict:
@@ -160,15 +185,146 @@ def test_time_split_vae_decode_equals_one_process(runs, expected, n):
         assert_close(frames, expected["vae"][name])
 
 
-@pytest.mark.parametrize("n", [2, 3], ids=["failed-rank-exits", "failed-rank-lives-on"])
+@pytest.mark.parametrize("n", [2, 3])
+def test_auto_vae_decode_plans_once_for_every_rank(runs, n):
+    # Each rank sees its own free memory; alone, they would choose different tiles (and fail in the boundary
+    # exchange). They plan for the smallest budget: every rank returns the video one process decodes in those tiles.
+    budgets = [int(DEFAULT_BUDGET_FRACTION * mib * 2**20) for mib in FREE_MIB[:n]]
+    alone = [plan_decode(DECODERS["plain"], AUTO_SHAPE, torch.float32, b, AUTO_OVERLAP, ranks=n) for b in budgets]
+    assert len({plan.tiles for plan in alone}) > 1, "the free-memory figures no longer lead to different plans"
+    tiles = plan_decode(DECODERS["plain"], AUTO_SHAPE, torch.float32, min(budgets), AUTO_OVERLAP, ranks=n).tiles
+    z = make_latents(AUTO_SHAPE)
+    with torch.no_grad():
+        want = decode(make_decoder("plain"), z, mode="tiled", tiles=tiles, overlap=AUTO_OVERLAP)
+    videos = results(runs[n], "vae_auto")["videos"]
+    assert len(videos) == n
+    for video in videos:
+        assert_close(video, want)
+
+
+def test_backend_follows_the_device(runs, monkeypatch):
+    # A machine with GPUs (stand-in): --device cpu joins with gloo, a GPU with NCCL on cuda:LOCAL_RANK.
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", str(d))))
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(
+        distributed.dist,
+        "init_process_group",
+        lambda backend, **kw: calls.append((backend, str(kw.get("device_id")))),
+    )
+    monkeypatch.setattr(distributed.atexit, "register", lambda f: None)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert init_distributed(device="cpu") == torch.device("cpu") and calls == [("gloo", "None")]
+    calls.clear()
+    for device in (None, "cuda"):
+        assert init_distributed(device=device) == torch.device("cuda", 1)
+        assert calls == [("set_device", "cuda:1"), ("nccl", "cuda:1")]
+        calls.clear()
+    # With a real group (gloo ranks that believe CUDA is there): --device cpu gave gloo.
+    assert results(runs[2], "setup") == {"backend": "gloo", "device": "cpu"}
+
+
+def test_device_follows_local_rank(runs, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)  # what every rank of a user's group would see
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert default_device() == resolve_device() == resolve_device("cuda") == torch.device("cuda", 3)
+    assert resolve_device("cuda:0") == torch.device("cuda", 0) and resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.delenv("LOCAL_RANK")
+    assert default_device() == torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert default_device() == torch.device("cpu")
+    # ContextParallel() in a group made without init_distributed (gloo; torch.cuda patched in the ranks): each rank
+    # computes on cuda:LOCAL_RANK and makes it the current device.
+    got = results(runs[2], "device")["per_rank"]
+    assert got == [("0", "cuda:0", ["cuda:0"]), ("1", "cuda:1", ["cuda:1"])]
+
+
+def test_ranks_that_disagree_all_refuse(runs):
+    # Different cfg_parallel per rank (the CFG halves are subgroups: a mismatch would hang), or a different model
+    # per rank under block sharding (the broadcasts are sized from each rank's copy): every rank raises.
+    for got in results(runs[2], "disagree")["per_rank"]:
+        assert "cfg_parallel (from 0 to 1)" in got["cfg_parallel"], got
+        assert "blocks (from 2 to 3)" in got["depth"], got
+
+
+def test_nccl_group_refuses_cpu_ranks():
+    with pytest.raises(ValueError, match="NCCL.*gloo"):
+        check_backend("nccl", torch.device("cpu"))
+    for backend, device in (("gloo", "cpu"), ("nccl", "cuda:1"), ("cpu:gloo,cuda:nccl", "cpu"), ("gloo", "cuda")):
+        check_backend(backend, torch.device(device))
+
+
+def test_check_compatible():
+    for offload in ("none", "resident", "auto", "model"):
+        for parallel, sharded in ((False, False), (True, False), (True, True)):
+            check_compatible(offload, parallel, sharded)  # model offload moves whole components: any layout
+    check_compatible("sequential", False)
+    with pytest.raises(ValueError, match="sequential CPU offload.*shard_dit.*do not combine.*--cpu_offload"):
+        check_compatible("sequential", True, sharded=True)
+    with pytest.raises(ValueError, match="sequential CPU offload.*context parallelism do not combine.*--shard_dit"):
+        check_compatible("sequential", True)
+    with pytest.raises(ValueError, match="offload must be"):
+        check_compatible("blocks", True)
+
+
+def test_model_offload_with_sharded_dit_equals_one_process(runs):
+    # Each rank's memory mode moves its own blocks (a stand-in device that copies every weight); the broadcasts of
+    # the others' blocks run where the collectives run: two generations in a row give the one-process video.
+    got = results(runs[2], "offload")
+    assert got["model offload, moved bytes"] > 0  # the stand-in device did receive the DiT's weights
+    want = MochiPipeline.from_pretrained(runs["model"], torch_dtype=torch.float32, device="cpu")
+    want = torch.from_numpy(want("a red ball", **PIPELINE_CALL).frames[0])
+    for frames in got["model offload, sharded"]:
+        assert (frames - want).abs().max() < 1e-4
+
+
+def test_sequential_offload_and_sharding_refused_in_either_order(runs):
+    # MochiPipeline on 2 gloo ranks: either order of calls stops with advice, and changes nothing before that.
+    got = results(runs[2], "offload")
+    for order in ("sharded, then sequential offload", "sequential offload, then sharded"):
+        assert got[order] is not None, f"{order}: accepted"
+        message, unchanged = got[order]
+        assert "do not combine" in message and "--cpu_offload" in message, message
+        assert unchanged, f"{order}: changed the pipeline before refusing"
+
+
+class Loaded(Exception):
+    """Weights started loading."""
+
+
+def test_cli_checks_offload_and_sharding_before_loading(tmp_path, monkeypatch, capsys):
+    model = save_native_model(tmp_path / "model")
+
+    def load(*args, **kwargs):
+        raise Loaded
+
+    monkeypatch.setattr(MochiPipeline, "from_pretrained", load)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as under torchrun --nproc_per_node=2
+    args = ["--prompt", "a red ball", "--model_dir", str(model), "--out_dir", str(tmp_path / "out"), "--shard_dit"]
+    assert main([*args, "--sequential_offload"]) == 2
+    assert "do not combine" in capsys.readouterr().err
+    with pytest.raises(Loaded):  # model offload with a sharded DiT is allowed
+        main([*args, "--cpu_offload"])
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert main(args) == 2
+    assert "torchrun" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("n", [2, 3, 4], ids=["failed-rank-exits", "failed-rank-lives-on", "fails-mid-sampling"])
 def test_one_rank_failing_stops_every_rank(runs, n):
-    """Rank 1 raises in the first block while the others wait for it in the all-to-all: every other rank stops
-    with a message naming rank 1 within seconds (the collective timeout is 60 s), even if rank 1's process lives on
-    and never closes its connections (n = 3; then a watcher thread sees rank 1's post in the store)."""
+    """Rank 1 raises while the others wait for it in a collective: every other rank stops with a message naming
+    rank 1 within seconds (the collective timeout is 60 s), even if rank 1's process lives on and never closes its
+    connections (n = 3; then a watcher thread sees rank 1's post in the store). n = 2, 3: in the first block of a
+    DiT forward; n = 4: inside the sampler (CFG halves of two ranks), in the second block of step 2."""
     run = runs[n]
     logs = run["logs"]
     raised = float(re.search(r"raising at ([0-9.]+)", logs[1]).group(1))
     assert "boom from the test" in logs[1]
+    assert n != 4 or "in step 2" in logs[1]
     for rank, code, ended in zip(run["wait_for"], run["codes"], run["ended"]):
         if rank == 1:
             continue
@@ -197,7 +353,8 @@ def test_cli_under_torchrun_writes_one_video(tmp_path):
     assert run.stderr.count("wrote ") == 1  # rank 0 alone reports
     assert json.loads(videos[0].with_suffix(".json").read_text())["processes"] == 2
     # The same command in one process makes the same video.
-    assert main([*args, "--out_dir", str(tmp_path / "single")]) == 0
+    # Unbatched CFG, as the CFG-parallel ranks run it: batched differs by fp32 rounding, which H.264 amplifies.
+    assert main([*args, "--batch_cfg", "off", "--out_dir", str(tmp_path / "single")]) == 0
     [single] = list((tmp_path / "single").glob("*.mp4"))
     (parallel, _), (one, _) = read_video(videos[0]), read_video(single)
     assert parallel.shape == one.shape == (13, 32, 48, 3)

@@ -142,3 +142,12 @@ def test_bad_inputs_are_explained(model, shape, feats_shape, message):
 def test_unknown_attention_backend_is_refused():
     with pytest.raises(ValueError, match="unknown attention backend 'magic'"):
         AsymmDiT(CFG, attention_backend="magic")
+
+
+def test_the_attention_backend_that_ran_is_recorded(latents):
+    model = randomize_(AsymmDiT(CFG, attention_backend="auto"), seed=3).eval()
+    assert model.attention_backend_in_use == "sdpa"  # before any forward: resolved for the weights' device
+    feats, mask = text_inputs(2)
+    with torch.no_grad():
+        model(latents, torch.tensor([0.5, 0.5]), feats, mask)
+    assert model.attention_backend_in_use == "sdpa" and model.attention.in_use == "sdpa"

@@ -15,6 +15,7 @@ import torch
 from dit_fixtures import randomize_, save_diffusers_transformer
 from safetensors import safe_open
 from safetensors.torch import save_file
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from mochi_preview.checkpoint import CheckpointError, CheckpointReader, Fp8Reader, open_checkpoint
 from mochi_preview.dit import (
@@ -131,6 +132,40 @@ def test_fp8_linear_output_within_the_rounding_bound(model, granularity):
     bound = (REL * layer.weight.abs() + SUB * fp8.scale) @ x.abs().T
     assert bool(((y8 - y).abs() <= bound.T * 1.001 + 1e-6).all())
     assert not torch.equal(y8, y)
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "channel"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_dequantized_is_the_exact_product_rounded_once(model, granularity, dtype):
+    fp8 = FP8Linear.from_linear(model.blocks[0].mlp_x.w1, granularity)
+    got = fp8.dequantized(dtype)
+    assert got.dtype == dtype and torch.equal(got, (fp8.weight.float() * fp8.scale).to(dtype))
+    if dtype == torch.bfloat16:  # not the scale rounded to bf16 first (a gain error of up to 2^-9)
+        assert not torch.equal(got, fp8.weight.to(dtype) * fp8.scale.to(dtype))
+
+
+class FullSizeOutputs(TorchDispatchMode):
+    """Records the dtype of every op output with `numel` elements (a weight-sized tensor)."""
+
+    def __init__(self, numel: int):
+        super().__init__()
+        self.numel, self.dtypes = numel, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if isinstance(out, torch.Tensor) and out.numel() == self.numel:
+            self.dtypes.append(out.dtype)
+        return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dequantizing_makes_no_fp32_copy_of_the_weight(model, dtype):
+    """Straight to the compute dtype: one weight-sized tensor, the result (on a GPU the bf16 multiply by the fp32
+    scale computes in fp32 in registers). Before: fp32 copy, fp32 product, then the result."""
+    fp8 = FP8Linear.from_linear(model.blocks[0].mlp_x.w1, "channel")
+    with FullSizeOutputs(fp8.weight.numel()) as seen:
+        fp8.dequantized(dtype)
+    assert seen.dtypes == [dtype, dtype]  # fp8 -> dtype, then the in-place multiply by the scale
 
 
 def test_fp8_model_output_close_to_full_precision(model, inputs):

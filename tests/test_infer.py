@@ -49,9 +49,10 @@ def test_writes_mp4_and_sidecar(native_dir, tmp_path):
     assert list(sidecar) == [  # the settings under the CLI's names, then the run's record: as always
         "prompt", "negative_prompt", "width", "height", "num_frames", "seed", "cfg_scale", "num_steps",
         "threshold_noise", "linear_steps", "sigmas", "cfg_schedule", "fps", "dtype", "t5_dtype", "model_dir",
-        "text_encoder", "model_files", "mochi_preview", "torch", "device", "offload", "processes", "vae", "seconds",
-        "peak_memory_bytes", "created",
+        "text_encoder", "model_files", "mochi_preview", "torch", "device", "noise_device", "memory", "batch_cfg",
+        "attention", "processes", "vae", "seconds", "peak_memory_bytes", "created",
     ]  # fmt: skip
+    assert sidecar["attention"] == "sdpa"  # the kernel that ran: flash-attn is never chosen on a CPU
     assert (sidecar["t5_dtype"], sidecar["dtype"], sidecar["fps"], sidecar["cfg_schedule"]) == (
         "fp32",
         "float32",

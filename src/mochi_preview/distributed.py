@@ -8,12 +8,21 @@
   `dit.set_token_layout(cp.token_layout())`.
 * CFG parallelism: with `cfg_parallel` and an even world size, ranks [0, N/2) run the conditional pass and
   [N/2, N) the unconditional one, each half a sequence group of N/2; rank i and rank i + N/2 swap velocities.
-* Weights: replicated by default; `shard_dit` keeps block i only on rank i mod N, broadcast just before it runs.
+* Weights: replicated by default; `shard_dit` keeps block i only on rank i mod N, broadcast just before it runs (on
+  `ContextParallel.device`, wherever the block's weights sit: a memory mode may keep them on the CPU).
 * Failures: a rank that raises inside `guard()` posts its rank and error in the process group's store; every other
   rank stops with that message, either from the collective that fails when the rank goes away or, if that rank's
-  process lives on, from a watcher thread that sees the post. Collectives also carry a timeout.
+  process lives on, from a watcher thread that sees the post. Collectives also carry a timeout. The store's host
+  (global rank 0 outside torchrun's agent) waits, bounded, for every rank to read the post before it exits.
+* Agreement: every choice that shapes a collective is the same on every rank. The device follows LOCAL_RANK and the
+  backend follows the device (NCCL for CUDA, gloo for CPU). The token split, the CFG halves and the block owners
+  depend on the rank count and the batch size only; ContextParallel and BlockSharding check at construction that
+  every rank passed the same settings and holds the same blocks (`same_on_every_rank`). What a rank measures for
+  itself (free memory) is reduced to one value first (`agree_min`; vae/decode.py does this for its "auto" plan).
+* Memory modes: sequential CPU offload does not combine with context parallelism; `check_compatible` says so before
+  any work. Model CPU offload combines with it, sharded or not.
 
-Launch: `torchrun --nproc_per_node=N -m mochi_preview.infer ...`, or `init_distributed()` then
+Launch: `torchrun --nproc_per_node=N -m mochi_preview.infer ...`, or `init_distributed(device=...)` then
 `pipe.enable_context_parallel()` inside any process group.
 """
 
@@ -23,6 +32,8 @@ import atexit
 import os
 import sys
 import threading
+import time
+from collections.abc import Sequence
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
@@ -39,6 +50,8 @@ DEFAULT_TIMEOUT = 600.0  # seconds a collective may wait for a peer before it fa
 FAILED_KEY = "mochi_preview/failed"  # store key holding "<rank>:<message>" of the first rank that failed
 POLL_SECONDS = 0.5  # how often the watcher looks for a failure post
 GRACE_SECONDS = 3.0  # time the main thread gets to notice a peer's failure itself before the watcher exits
+NOTICED_KEY = "mochi_preview/noticed"  # store counter: ranks that have read the failure post
+LINGER_SECONDS = 6.0  # longest the store's host waits, after a failure, for every rank to read the post
 _failure_seen = threading.Event()  # after a failure, destroying the group at exit could wait on a dead peer
 
 
@@ -46,19 +59,66 @@ class RankFailedError(RuntimeError):
     """Another rank of the group failed; this rank stops too."""
 
 
-def init_distributed(timeout: float = DEFAULT_TIMEOUT) -> None:
-    """Join the process group torchrun describes (RANK, WORLD_SIZE, MASTER_ADDR, ...): NCCL on GPUs, gloo on CPUs."""
+def default_device() -> torch.device:
+    """This process's device: cuda:LOCAL_RANK under torchrun on a CUDA machine (the current CUDA device when
+    LOCAL_RANK is not set), else the CPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    if "LOCAL_RANK" in os.environ:
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """The device this rank computes on: `device` as given, "cuda" without an index meaning this rank's GPU
+    (cuda:LOCAL_RANK), None the `default_device()`."""
+    if device is None:
+        return default_device()
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        index = int(os.environ["LOCAL_RANK"]) if "LOCAL_RANK" in os.environ else torch.cuda.current_device()
+        return torch.device("cuda", index)
+    return device
+
+
+def backend_for(device: str | torch.device) -> str:
+    """The torch.distributed backend for collectives on `device`: NCCL for CUDA, gloo for the CPU."""
+    kind = torch.device(device).type
+    if kind not in ("cuda", "cpu"):
+        raise ValueError(f"context parallelism runs on CUDA (NCCL) or CPU (gloo) devices, not {kind!r}")
+    return "nccl" if kind == "cuda" else "gloo"
+
+
+def check_backend(backend: str, device: torch.device) -> None:
+    """Refuse a process group that cannot carry `device`'s tensors (NCCL carries only CUDA tensors)."""
+    if device.type == "cpu" and str(backend).lower() == "nccl":
+        raise ValueError(
+            "the process group uses NCCL, which carries CUDA tensors only, but this rank computes on the CPU: "
+            "create the group with gloo (init_distributed(device='cpu')) or compute on the GPU (device='cuda')"
+        )
+
+
+def init_distributed(timeout: float = DEFAULT_TIMEOUT, device: str | torch.device | None = None) -> torch.device:
+    """Join the process group torchrun describes (RANK, WORLD_SIZE, MASTER_ADDR, ...) -> this rank's device.
+
+    The backend follows the device (`resolve_device`): NCCL for a GPU (cuda:LOCAL_RANK, made the current device),
+    gloo for the CPU, also on a machine with GPUs (`device="cpu"`). A group that exists already is kept.
+    """
+    device = resolve_device(device)
+    backend = backend_for(device)
     if dist.is_initialized():
-        return
+        return device
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         raise RuntimeError("no process group: launch with `torchrun --nproc_per_node=N ...` (which sets RANK etc.)")
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device} was asked for, but CUDA is not available here; use device='cpu'")
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", timeout=timedelta(seconds=timeout), device_id=device)
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout), device_id=device)
     else:
-        dist.init_process_group("gloo", timeout=timedelta(seconds=timeout))
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout))
     atexit.register(_destroy_at_exit)  # we made the group, we end it
+    return device
 
 
 def _destroy_at_exit() -> None:
@@ -69,6 +129,69 @@ def _destroy_at_exit() -> None:
 def launched_world_size() -> int:
     """Processes torchrun started for this job (1 when run directly)."""
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+# ---- agreement between ranks ---------------------------------------------------------------------------------
+
+
+def _scalar_device(group, device: torch.device | None) -> torch.device:
+    """Where a few integers travel in `group`: the CPU when its backend has gloo, else this rank's GPU."""
+    if "gloo" in str(dist.get_backend(group)):
+        return torch.device("cpu")
+    return device if device is not None else default_device()
+
+
+def min_max(values: Sequence[int], group=None, device: torch.device | None = None) -> tuple[list[int], list[int]]:
+    """Element-wise minimum and maximum of the ranks' integer `values` (one all-reduce), on every rank of `group`.
+
+    `device`: this rank's GPU for an NCCL group (default: `default_device()`); gloo groups use the CPU."""
+    t = torch.tensor([*values, *(-v for v in values)], dtype=torch.int64, device=_scalar_device(group, device))
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
+    n = len(values)
+    return t[:n].tolist(), [-v for v in t[n:].tolist()]
+
+
+def agree_min(value: int, group=None, device: torch.device | None = None) -> int:
+    """The smallest of the ranks' `value`s, on every rank: a per-rank measure (free memory) made one decision."""
+    return min_max([value], group, device)[0][0]
+
+
+def same_on_every_rank(what: str, group=None, device: torch.device | None = None, **values: int) -> None:
+    """Raise ValueError on every rank (not only the odd one) when some rank passed other integer `values`. Every
+    rank must pass the same names (one all-reduce of that many numbers)."""
+    low, high = min_max(list(values.values()), group, device)
+    differ = [f"{name} (from {lo} to {hi})" for name, lo, hi in zip(values, low, high) if lo != hi]
+    if differ:
+        raise ValueError(f"{what} must be the same on every rank, but these differ between ranks: {', '.join(differ)}")
+
+
+def is_sharded(dit: nn.Module) -> bool:
+    """Whether `dit`'s blocks are spread over ranks (`shard_dit`, `load_dit_sharded`)."""
+    return getattr(dit, "block_sharding", None) is not None
+
+
+OFFLOAD_MODES = ("none", "resident", "auto", "model", "sequential")  # "none" is "resident"'s older name
+
+
+def check_compatible(offload: str, context_parallel: bool, sharded: bool = False) -> None:
+    """Refuse, before any work, a memory mode (`offload`: "none"/"resident", "model", "sequential"; "auto" must not
+    pick "sequential" under context parallelism) that context parallelism (`context_parallel`), with the DiT's blocks
+    spread over the ranks or not (`sharded`), cannot run with. Model offload moves whole components between stages
+    and combines with both: a sharded DiT's broadcasts run on `ContextParallel.device` wherever its weights sit."""
+    if offload not in OFFLOAD_MODES:
+        raise ValueError(f"offload must be one of {OFFLOAD_MODES}, not {offload!r}")
+    if offload == "sequential" and context_parallel:
+        if sharded:
+            raise ValueError(
+                "sequential CPU offload (--sequential_offload) and shard_dit (--shard_dit) do not combine: sharding "
+                "already keeps only 1/N of the DiT's blocks on each rank; to also keep the models off the GPU "
+                "between stages use model CPU offload (enable_model_cpu_offload(), --cpu_offload)"
+            )
+        raise ValueError(
+            "sequential CPU offload (--sequential_offload) and context parallelism do not combine: to hold less of "
+            "the DiT on each GPU use shard_dit (--shard_dit: each rank keeps 1/N of its blocks), and/or model CPU "
+            "offload (enable_model_cpu_offload(), --cpu_offload)"
+        )
 
 
 class ContextParallel:
@@ -85,13 +208,17 @@ class ContextParallel:
         self.rank, self.world_size = dist.get_rank(self.group), dist.get_world_size(self.group)
         self.global_ranks = dist.get_process_group_ranks(self.group)  # group rank -> global rank
         self.global_rank = self.global_ranks[self.rank]  # what torchrun and the messages call this rank
-        if device is None:
-            device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
-        self.device = torch.device(device)
+        self.device = resolve_device(device)  # None or "cuda": cuda:LOCAL_RANK (not the current device)
+        check_backend(dist.get_backend(self.group), self.device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # so that "cuda" in this process means this rank's GPU
         if cfg_parallel is None:
             cfg_parallel = self.world_size % 2 == 0
         if cfg_parallel and self.world_size % 2:
             raise ValueError(f"CFG parallelism needs an even number of ranks; got {self.world_size}")
+        # The halves are subgroups made by their members only: ranks that disagreed here would wait forever.
+        cuda = int(self.device.type == "cuda")
+        same_on_every_rank("ContextParallel's settings", self.group, self.device, cfg_parallel=cfg_parallel, cuda=cuda)
         halves = 2 if cfg_parallel else 1
         self.seq_size = self.world_size // halves
         self.cfg_rank, self.seq_rank = divmod(self.rank, self.seq_size)  # cfg_rank 0: conditional, 1: unconditional
@@ -152,11 +279,25 @@ class ContextParallel:
             self._noticed.set()
             _failure_seen.set()
             # The first post wins: a peer's later error (e.g. a closed connection) is a consequence of it.
-            mine = f"{self.global_rank}:rank {self.global_rank} failed: {_describe(e)}"
-            rank, message = self._store.compare_set(FAILED_KEY, "", mine).decode().split(":", 1)
-            if int(rank) != self.global_rank:
+            post = self._post(f"rank {self.global_rank} failed: {_describe(e)}")
+            if post is None:  # the store went with the process that held it (killed): nothing to name
+                raise
+            rank, message = post
+            self._linger()
+            if rank != self.global_rank:
                 raise RankFailedError(f"{message} (rank {self.global_rank} stopped)") from e
             raise
+
+    def _post(self, message: str) -> tuple[int, str] | None:
+        """Post this rank's failure unless one is there: -> (rank, message) of the first post, None without a store."""
+        try:
+            rank, first = (
+                self._store.compare_set(FAILED_KEY, "", f"{self.global_rank}:{message}").decode().split(":", 1)
+            )
+            self._store.add(NOTICED_KEY, 1)
+        except Exception:
+            return None
+        return int(rank), first
 
     def _watch(self) -> None:
         """Stop this process when another rank posted a failure that the main thread has not noticed in time."""
@@ -172,13 +313,38 @@ class ContextParallel:
                 return
             # The main thread is stuck in a collective with a rank that will never answer: no clean way out.
             print(f"error: {message} (rank {me} stopped)", file=sys.stderr, flush=True)
-            os._exit(1)
+            try:
+                self._store.add(NOTICED_KEY, 1)
+                self._linger()
+            finally:
+                os._exit(1)
+
+    def _linger(self) -> None:
+        """After a failure, keep the store alive until every rank has read the post (or LINGER_SECONDS passed).
+
+        Launched with env:// outside torchrun's agent, global rank 0 holds the store: if it exited at once, a rank
+        whose collective failed only after that could not learn which rank failed first.
+        """
+        if self.global_rank != 0 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            return
+        deadline = time.monotonic() + LINGER_SECONDS
+        while time.monotonic() < deadline:
+            try:
+                if self._store.add(NOTICED_KEY, 0) >= self.world_size:
+                    return
+            except Exception:
+                return
+            time.sleep(0.05)
 
     def close(self) -> None:
         """Stop the failure watcher (before destroying the process group; also done at exit)."""
         self._noticed.set()
         if self._watcher is not threading.current_thread():
             self._watcher.join(timeout=5.0)
+
+    def agree_min(self, value: int) -> int:
+        """The smallest of the ranks' `value`s (e.g. a memory budget each rank measured), on every rank."""
+        return agree_min(value, self.group, self.device)
 
     def broadcast_object(self, obj):
         """Rank 0's value of `obj` on every rank (e.g. a decision that depends on rank 0's files)."""
@@ -235,7 +401,11 @@ def _describe(e: BaseException) -> str:
 
 
 class CFGParallelDiT:
-    """The DiT as the batched-CFG sampler calls it ([cond; uncond] batch): this half of the ranks runs one half."""
+    """The DiT as the batched-CFG sampler calls it ([cond; uncond] batch): this half of the ranks runs one half.
+
+    The rows are independent, so any even batch splits the same way. An odd batch (the prompts alone: the sampler
+    skips the unconditional pass at a step whose guidance is 1) runs whole on both halves, nothing exchanged.
+    """
 
     def __init__(self, dit: nn.Module, cp: ContextParallel):
         if cp.cfg_group is None:
@@ -244,6 +414,8 @@ class CFGParallelDiT:
 
     def __call__(self, z, sigma, features, mask) -> torch.Tensor:
         """z (2B, C, T, H, W), [cond; uncond] -> velocity (2B, C, T, H, W), both halves on every rank."""
+        if z.shape[0] % 2:  # the batch size is the same on every rank, so is this choice
+            return self.dit(z, sigma, features, mask).float()
         b = z.shape[0] // 2
         mine = slice(self.cp.cfg_rank * b, (self.cp.cfg_rank + 1) * b)
         v = self.dit(z[mine], sigma[mine], features[mine], mask[mine]).float()
@@ -267,6 +439,13 @@ class BlockSharding:
         ]
         self.pending: dict[int, list] = {}  # block index -> [(work, flat buffer, params of that dtype)]
         self.blocks = blocks
+        # What travels is sized from each rank's own copy of the model: every rank must hold the same one. (The
+        # block count first: the per-block check sends one number per block.)
+        same_on_every_rank("the sharded DiT", cp.group, cp.device, blocks=len(blocks))
+        nbytes = [sum(shape.numel() * dtype.itemsize for _, _, shape, dtype in block) for block in self.params]
+        same_on_every_rank(
+            "the sharded DiT", cp.group, cp.device, **{f"block {i} bytes": n for i, n in enumerate(nbytes)}
+        )
         for i, block in enumerate(blocks):
             if self.owner[i] != cp.rank:
                 self._release(i)
@@ -279,14 +458,14 @@ class BlockSharding:
         for entry in self.params[i]:
             by_dtype.setdefault(entry[3], []).append(entry)
         mine = self.owner[i] == self.cp.rank
-        module, name, _, _ = self.params[i][0]
-        device = getattr(module, name).device  # real or placeholder, it sits where the block runs
+        device = self.cp.device  # where collectives run, wherever the block's weights sit now (offload: the CPU)
         works = []
         for dtype, entries in sorted(by_dtype.items(), key=lambda kv: str(kv[0])):  # same order on every rank
             if mine:
-                flat = torch.cat([getattr(m, name).reshape(-1) for m, name, _, _ in entries])
+                flat = torch.cat([getattr(m, name).reshape(-1) for m, name, _, _ in entries]).to(device)
             else:
-                flat = torch.empty(sum(shape.numel() for _, _, shape, _ in entries), dtype=dtype, device=device)
+                with torch.inference_mode(False):  # a plain tensor: the parameters will hold views of it
+                    flat = torch.empty(sum(shape.numel() for _, _, shape, _ in entries), dtype=dtype, device=device)
             src = self.cp.global_ranks[self.owner[i]]
             works.append((dist.broadcast(flat, src=src, group=self.cp.group, async_op=True), flat, entries))
             if mine:
@@ -300,19 +479,27 @@ class BlockSharding:
             work.wait()
             if self.owner[i] != self.cp.rank:
                 offset = 0
-                for m, name, shape, _ in entries:
-                    getattr(m, name).data = flat[offset : offset + shape.numel()].view(shape)
-                    offset += shape.numel()
+                with torch.inference_mode(False), torch.no_grad():
+                    for m, name, shape, _ in entries:
+                        getattr(m, name).data = flat[offset : offset + shape.numel()].view(shape)
+                        offset += shape.numel()
         if i + 1 < len(self.blocks):
             self._start(i + 1)  # prefetch: it travels while block i computes
 
     def _release(self, i: int) -> None:
+        """Drop block i's weights (not this rank's): each parameter keeps its identity and holds an empty plain
+        tensor, so that whatever tracks the parameters (the pipeline's memory modes) still sees the module's own."""
         if self.owner[i] == self.cp.rank:
             return
-        for m, name, _, dtype in self.params[i]:
-            p = getattr(m, name)
-            device = p.device if p.device.type != "meta" else self.cp.device
-            setattr(m, name, nn.Parameter(torch.empty(0, dtype=dtype, device=device), requires_grad=False))
+        with torch.inference_mode(False), torch.no_grad():
+            for m, name, _, dtype in self.params[i]:
+                p = getattr(m, name)
+                if p.is_meta:  # never read (load_dit_sharded): a real, empty parameter once, reused after
+                    setattr(
+                        m, name, nn.Parameter(torch.empty(0, dtype=dtype, device=self.cp.device), requires_grad=False)
+                    )
+                else:
+                    p.data = torch.empty(0, dtype=dtype, device=p.device)
 
 
 def shard_dit(dit: nn.Module, cp: ContextParallel) -> nn.Module:

@@ -13,6 +13,7 @@ import json
 import os
 import secrets
 import sys
+import traceback
 from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
@@ -21,10 +22,11 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before importing g
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import gradio as gr  # noqa: E402
+import torch  # noqa: E402
 
 from . import infer  # noqa: E402
 from . import settings as table  # noqa: E402
-from .pipeline import DeviceMemoryError, MochiPipeline, NonFiniteLatentsError  # noqa: E402
+from .pipeline import DeviceMemoryError, MochiPipeline, NonFiniteLatentsError, release_memory  # noqa: E402
 from .settings import SETTINGS, Settings  # noqa: E402
 from .tiny import DEMO_MODEL_DIR  # noqa: E402
 
@@ -66,6 +68,15 @@ def make_handler(pipe: MochiPipeline, out_dir: Path, options: infer.RunOptions):
 
             progress((0, steps), desc="encoding the prompt", unit="steps")
             video = infer.generate(pipe, s, infer.new_output_path(out_dir), options, callback=on_step)
+        except (DeviceMemoryError, torch.OutOfMemoryError) as e:
+            # Out of memory: give the memory back before the next job in the queue runs (the error's traceback holds
+            # the failed job's tensors; a decode that failed left its latents in a file the message names).
+            message = str(e)
+            print(f"error: {message}", file=sys.stderr)
+            _drop_tracebacks(e)
+            del e
+            release_memory(pipe.device)
+            raise gr.Error(message, print_exception=False) from None
         except USER_ERRORS as e:
             print(f"error: {e}", file=sys.stderr)
             raise gr.Error(str(e), print_exception=False) from e
@@ -80,6 +91,17 @@ def make_handler(pipe: MochiPipeline, out_dir: Path, options: infer.RunOptions):
     ]
     generate.__signature__ = inspect.Signature(params)
     return generate
+
+
+def _drop_tracebacks(error: BaseException) -> None:
+    """Let go of the frames (and so the tensors) an exception and the ones it chained to still reference."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if error.__traceback__ is not None:
+            traceback.clear_frames(error.__traceback__)
+            error.__traceback__ = None
+        error = error.__cause__ or error.__context__
 
 
 def _input(s: table.Setting, value) -> gr.components.Component:
@@ -138,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.sweep_file is not None or args.output is not None:
         parser.error("--sweep-file and --output belong to the CLI (python -m mochi_preview.infer)")
+    if args.save_latents is not None or args.decode_latents is not None:  # a decode that fails writes them anyway
+        parser.error("--save_latents and --decode_latents belong to the CLI (python -m mochi_preview.infer)")
     if args.fps <= 0:
         parser.error(f"--fps must be a positive number; got {args.fps}")
     try:

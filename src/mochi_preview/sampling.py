@@ -66,12 +66,16 @@ def guidance_per_step(guidance: float | Sequence[float], steps: int) -> list[flo
 def get_noise(
     batch: int, num_frames: int, height: int, width: int, seed: int | None = None, generator=None
 ) -> torch.Tensor:
-    """Initial fp32 noise (B, 12, T, H/8, W/8) from a seeded CPU generator: the same seed gives the same video on
-    any device (and matches diffusers' MochiPipeline called with a CPU generator of that seed)."""
+    """Initial fp32 noise (B, 12, T, H/8, W/8), drawn on the generator's device.
+
+    By default from a CPU generator seeded with `seed`: the same seed gives the same video on any device (and matches
+    diffusers' MochiPipeline called with a CPU generator of that seed). A `generator` on another device (a CUDA
+    generator) draws the noise there, so it comes back on that device, and differs from a CPU draw of the same seed.
+    """
     if generator is None:
         generator = torch.Generator("cpu").manual_seed(0 if seed is None else seed)
     shape = (batch, *MOCHI.latent_shape(num_frames, height, width))
-    return torch.randn(shape, generator=generator, dtype=torch.float32)
+    return torch.randn(shape, generator=generator, device=generator.device, dtype=torch.float32)
 
 
 # ---- text conditions and model calls ---------------------------------------------------------------------------

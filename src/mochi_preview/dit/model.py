@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from .attention import AttentionKernel, TextPacking
+from .attention import AttentionKernel, JointAttention
 from .layers import (
     AttentionPool,
     FeedForward,
@@ -56,8 +56,8 @@ class DiTConfig:
 
 
 def split_heads(qkv: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """(B, S, 3 H d) laid out [q | k | v] -> (3, B, H, S, d): unpacks into q, k, v."""
-    return rearrange(qkv, "b s (three h d) -> three b h s d", three=3, d=head_dim)
+    """(B, S, 3 H d) laid out [q | k | v] -> (3, B, S, H, d), a view: unpacks into q, k, v."""
+    return rearrange(qkv, "b s (three h d) -> three b s h d", three=3, d=head_dim)
 
 
 class AsymmetricAttention(nn.Module):
@@ -75,22 +75,25 @@ class AsymmetricAttention(nn.Module):
         self.proj_x = Linear(cfg.dim_x, cfg.dim_x)
         self.proj_y = Linear(cfg.dim_x, cfg.dim_y) if update_y else None  # the last block's text output is unused
 
-    def forward(self, x, y, rope, packing: TextPacking, kernel: AttentionKernel, layout: TokenLayout):
-        """x (B, N, Dx), y (B, L, Dy), rope (cos, sin) -> x_attn (B, N, Dx), y_attn (B, L, Dy) or None (last block)."""
-        n = rope[0].shape[0]  # N: the RoPE tables cover every visual token
-        q_x, k_x, v_x = split_heads(layout.tokens_to_heads(self.qkv_x(x), n), self.head_dim)  # (B, H, N, d) each
-        qkv_y = self.qkv_y(packing.gather(y))  # (B, Lp, 3 Dx): the valid text tokens only
-        q_y, k_y, v_y = (layout.local_heads(t, dim=1) for t in split_heads(qkv_y, self.head_dim))  # (B, H, Lp, d) each
+    def forward(self, x, y, rope, attn: JointAttention, layout: TokenLayout):
+        """x (B, N, Dx), y (B, L, Dy), rope (cos, sin) -> x_attn (B, N, Dx), y_attn (B, L, Dy) or None (last block).
 
-        q = torch.cat([apply_rope(self.q_norm_x(q_x), *rope), self.q_norm_y(q_y)], dim=2)  # (B, H, N + Lp, d)
-        k = torch.cat([apply_rope(self.k_norm_x(k_x), *rope), self.k_norm_y(k_y)], dim=2)  # (B, H, N + Lp, d)
-        v = torch.cat([v_x, v_y], dim=2)  # (B, H, N + Lp, d)
-        out = rearrange(kernel(q, k, v, n, packing), "b h s d -> b s (h d)")  # (B, N + Lp, Dx)
+        q, k and v are laid out (B, S, H, d), token-major: what flash-attn takes as it is (SDPA takes views).
+        """
+        n = rope[0].shape[0]  # N: the RoPE tables cover every visual token
+        q_x, k_x, v_x = split_heads(layout.tokens_to_heads(self.qkv_x(x), n), self.head_dim)  # (B, N, H, d) each
+        qkv_y = self.qkv_y(attn.gather(y))  # (B, Lp, 3 Dx): the valid text tokens only
+        q_y, k_y, v_y = (layout.local_heads(t, dim=2) for t in split_heads(qkv_y, self.head_dim))  # (B, Lp, H, d) each
+
+        q = torch.cat([apply_rope(self.q_norm_x(q_x), *rope), self.q_norm_y(q_y)], dim=1)  # (B, N + Lp, H, d)
+        k = torch.cat([apply_rope(self.k_norm_x(k_x), *rope), self.k_norm_y(k_y)], dim=1)  # (B, N + Lp, H, d)
+        v = torch.cat([v_x, v_y], dim=1)  # (B, N + Lp, H, d)
+        out = attn(q, k, v).flatten(2)  # (B, N + Lp, Dx)
 
         x_attn = self.proj_x(layout.heads_to_tokens(out[:, :n]))  # (B, N, Dx)
         if self.proj_y is None:
             return x_attn, None
-        out_y = packing.scatter(layout.gather_heads(out[:, n:]))  # (B, L, Dx), zeros at padding positions
+        out_y = attn.scatter(layout.gather_heads(out[:, n:]))  # (B, L, Dx), zeros at padding positions
         return x_attn, self.proj_y(out_y)  # (B, L, Dy): padding rows hold proj_y's bias, as in the reference
 
 
@@ -109,7 +112,7 @@ class AsymmetricJointBlock(nn.Module):
         self.mlp_x = FeedForward(cfg.dim_x, cfg.mlp_hidden_x)
         self.mlp_y = FeedForward(cfg.dim_y, cfg.mlp_hidden_y) if update_y else None
 
-    def forward(self, x, y, c_act, rope, packing: TextPacking, kernel: AttentionKernel, layout: TokenLayout):
+    def forward(self, x, y, c_act, rope, attn: JointAttention, layout: TokenLayout):
         """x (B, N, Dx), y (B, L, Dy), c_act = silu(c) (B, Dx) -> updated x, y."""
         scale_msa_x, gate_msa_x, scale_mlp_x, gate_mlp_x = self.mod_x(c_act).chunk(4, dim=-1)  # (B, Dx) each
         if self.update_y:
@@ -118,7 +121,7 @@ class AsymmetricJointBlock(nn.Module):
             scale_msa_y = self.mod_y(c_act)  # (B, Dy): the last block only modulates the text it attends with
 
         x_in, y_in = modulated_rms_norm(x, scale_msa_x), modulated_rms_norm(y, scale_msa_y)
-        x_attn, y_attn = self.attn(x_in, y_in, rope, packing, kernel, layout)
+        x_attn, y_attn = self.attn(x_in, y_in, rope, attn, layout)
         x = residual_gated_rms_norm(x, x_attn, gate_msa_x)  # (B, N, Dx)
         x = residual_gated_rms_norm(x, self.mlp_x(modulated_rms_norm(x, scale_mlp_x)), gate_mlp_x)
         if self.update_y:
@@ -144,12 +147,25 @@ class AsymmDiT(nn.Module):
         self.pos_frequencies = nn.Parameter(torch.zeros(3, cfg.num_heads, cfg.head_dim // 2))  # learned RoPE
         self.blocks = nn.ModuleList(AsymmetricJointBlock(cfg, update_y=i < cfg.depth - 1) for i in range(cfg.depth))
         self.final_layer = FinalLayer(cfg.dim_x, p * p * cfg.in_channels)
-        self._rope_cache: tuple | None = None  # (grid key, (cos, sin)): see rope_tables
+        self._positions: tuple | None = None  # (grid key, (N, 3) positions on the device): see rope_tables
 
     def set_attention(self, backend: str = "auto", chunk: int | None = None) -> AsymmDiT:
-        """Choose the attention kernel at run time ("auto", "sdpa", "flash", "sage") and SDPA's query chunk."""
+        """Choose the attention kernel at run time ("auto", "sdpa", "flash", "sage") and SDPA's query chunk; the
+        backend itself is resolved at the first forward on each (device, dtype), or by `resolve_attention`."""
         self.attention = AttentionKernel(backend, chunk)
         return self
+
+    def resolve_attention(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> str:
+        """Resolve the attention backend now (default: where the weights are, in the compute dtype), e.g. right
+        after loading, so that an explicit backend that cannot run fails before any work; -> the backend."""
+        device = self.t5_yproj.weight.device if device is None else device
+        return self.attention.resolve(device, dtype or self.dtype, self.cfg.head_dim)
+
+    @property
+    def attention_backend_in_use(self) -> str:
+        """The attention backend the latest forward ran ("sdpa", "flash" or "sage"), for the record; before any
+        forward, the one `resolve_attention()` gives."""
+        return self.attention.in_use or self.resolve_attention()
 
     def set_token_layout(self, layout: TokenLayout | None = None) -> AsymmDiT:
         """Share each forward's tokens with other processes (`distributed.ContextParallel.token_layout()`), or
@@ -165,14 +181,27 @@ class AsymmDiT(nn.Module):
         return self
 
     def rope_tables(self, t: int, rows: int, cols: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """RoPE (cos, sin), each (N, H, d/2) fp32, for a latent grid; built once per grid at inference."""
-        if self.pos_frequencies.requires_grad and torch.is_grad_enabled():  # training: part of the autograd graph
-            return rope_cos_sin(self.pos_frequencies, rope_positions(t, rows, cols).to(device))
-        freqs = self.pos_frequencies
-        key = (t, rows, cols, str(device), freqs.data_ptr(), freqs._version, torch.is_inference_mode_enabled())
-        if self._rope_cache is None or self._rope_cache[0] != key:
-            self._rope_cache = (key, rope_cos_sin(freqs, rope_positions(t, rows, cols).to(device)))
-        return self._rope_cache[1]
+        """RoPE (cos, sin), each (N, H, d/2) fp32, for a latent grid, from the frequencies as they are now.
+
+        Recomputed every forward, never cached: a cache keyed on the parameter misses writes through `.data`
+        (which do not bump `_version`), and a checksum key would cost a host synchronisation per forward. The
+        cost is small. Measured on 2 CPU threads: 0.6 ms against a 199 ms forward of the demo model (0.3%); at the
+        published size (163 frames at 848x480: 44,520 tokens x 24 heads x 64, 0.51 GiB of tables) 0.93 s, against
+        CPU forwards of hours. On a GPU (estimated, not measured): about 1.1 GB of memory traffic, under a
+        millisecond at H100/H200 bandwidth, against a forward of 2.8 s or more. Between forwards the tables are
+        not held: only the (N, 3) positions, which depend on the grid alone (`release_tables` drops them).
+        Under training the tables are part of the autograd graph.
+        """
+        key = (t, rows, cols, torch.device(device))
+        if self._positions is None or self._positions[0] != key:
+            with torch.inference_mode(False):  # a tensor made in inference mode could never serve training
+                self._positions = (key, rope_positions(t, rows, cols).to(device))
+        return rope_cos_sin(self.pos_frequencies, self._positions[1])
+
+    def release_tables(self) -> AsymmDiT:
+        """Drop what the forwards of a generation keep on the device (the RoPE positions); call after generating."""
+        self._positions = None
+        return self
 
     def fp32_parameter_names(self) -> list[str]:
         """Parameters kept in fp32 whatever the compute dtype: RoPE frequencies and QK-norm weights."""
@@ -205,12 +234,14 @@ class AsymmDiT(nn.Module):
         c = self.t_embedder(sigma) + self.t5_y_embedder(text_features, text_mask)  # (B, Dx)
         c_act = F.silu(c)  # (B, Dx): every block's modulation input
         y = self.t5_yproj(text_features.to(dtype))  # (B, L, Dy)
-        packing = TextPacking.from_mask(text_mask)  # where each sample's valid text tokens are
+        # Once per forward for every block: the backend for q, k, v's dtype (that of [x; y]), the text packing.
+        attn_dtype = torch.promote_types(x.dtype, y.dtype)
+        attn = self.attention.plan(text_mask, t * rows * cols, x.device, attn_dtype, self.cfg.head_dim)
         rope = self.rope_tables(t, rows, cols, latents.device)  # (cos, sin), each (N, H, d/2) fp32
         rope = tuple(layout.local_heads(r, dim=1) for r in rope)  # this process's heads
 
         for block in self.blocks:
-            x, y = block(x, y, c_act, rope, packing, self.attention, layout)  # (B, N, Dx), (B, L, Dy)
+            x, y = block(x, y, c_act, rope, attn, layout)  # (B, N, Dx), (B, L, Dy)
 
         x = layout.gather_tokens(self.final_layer(x, c_act), num_tokens=t * rows * cols)  # (B, N, p*p*C)
         v = rearrange(x, "b (t h w) (p1 p2 c) -> b c t (h p1) (w p2)", t=t, h=rows, w=cols, p1=p, p2=p)

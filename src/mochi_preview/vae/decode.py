@@ -15,7 +15,8 @@
   starting from the state the previous rank's slice ends with (a `RankBoundaryState`: received layer by layer while
   all ranks compute), and every rank gets the whole video (all-gather). Equal to the single-process decode. Each
   slice goes through the network in one call: streaming inside a slice would make each rank wait for the one before,
-  so `frames_per_chunk` does not apply; "auto" plans with the same search, per rank, with the gathered video.
+  so `frames_per_chunk` does not apply; "auto" plans with the same search, for the smallest budget of the ranks
+  (one all-reduce), so every rank picks the same tiles: the tiles shape what the ranks exchange.
 
 Every level of the network runs a few of its frames at a time at inference (`layers.frames_per_step`: about
 STEP_ELEMENTS values per step), writing each result over its input (Decoder.forward): the same numbers, with one copy
@@ -91,7 +92,8 @@ def decode(
     "auto": chosen by `plan_decode` for `memory_budget` bytes (default: 80% of the device's free memory).
     `group`: split the latent frames across the ranks of this process group (z the same on every rank); every rank
     returns the whole video. Each rank's slice is decoded whole ("full" and "streaming" alike; `frames_per_chunk` is
-    not used), in `tiles` for "tiled", in the fewest tiles that fit for "auto". A group of one rank is a plain decode.
+    not used), in `tiles` for "tiled", in the fewest tiles that fit for "auto", planned for the smallest of the
+    ranks' budgets (every rank must pick the same tiles). A group of one rank is a plain decode.
     """
     cfg = decoder.config
     check_latents(z, cfg)
@@ -115,12 +117,22 @@ def decode(
     if mode == "auto":
         device = decoder.output_proj.weight.device
         budget = memory_budget if memory_budget is not None else int(DEFAULT_BUDGET_FRACTION * free_memory(device))
+        if ranks > 1:  # free memory differs between ranks: plan once, for the tightest, on every rank
+            budget = min_over_ranks(budget, group, device)
         plan = plan_decode(cfg, tuple(z.shape), decoder.output_proj.weight.dtype, budget, overlap, ranks=ranks)
     else:
         if mode == "tiled":
             tiles = tuple(tiles) if tiles is not None else default_tiles(z.shape[3:], overlap)
         plan = DecodePlan(frames_per_chunk, tiles or (1, 1), overlap, 0, ranks)
     return run_time_split(decoder, z, plan, group) if ranks > 1 else run_plan(decoder, z, plan)
+
+
+def min_over_ranks(value: int, group: dist.ProcessGroup, device: torch.device) -> int:
+    """The smallest of the ranks' `value`s, on every rank of `group` (one all-reduce; on `device` for NCCL)."""
+    on = torch.device("cpu") if "gloo" in str(dist.get_backend(group)) else device  # gloo serves CPU tensors
+    t = torch.tensor([value], dtype=torch.int64, device=on)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=group)
+    return int(t.item())
 
 
 def default_tiles(size: tuple[int, int], overlap: int) -> tuple[int, int]:
@@ -423,3 +435,63 @@ def _cgroup_headroom() -> int | None:
         if limit.isdigit() and int(limit) < 2**60:  # "max" or a huge v1 number: no limit
             return max(int(limit) - usage, 0)
     return None
+
+
+def smaller_vae_options(options: dict, decoder: Decoder, shape: tuple[int, ...]) -> dict:
+    """Decode options that need less memory than `options` for raw latents of `shape`, for a retry after running
+    out: "auto" plans for half the memory of the plan it makes now; "full" streams one latent frame at a time;
+    "streaming" and "tiled" go to the next tiling (more, smaller tiles where the size allows), one latent frame per
+    chunk. When even the smallest auto plan does not fit, the next tiling is tried anyway (the estimate errs high).
+    """
+    mode = options.get("mode", "auto")
+    overlap = options.get("overlap", 8)
+    height, width = shape[3:]
+    if mode == "full":
+        return {"mode": "streaming", "frames_per_chunk": 1}
+    if mode == "auto":
+        device = next(decoder.parameters()).device
+        budget = options.get("memory_budget") or int(DEFAULT_BUDGET_FRACTION * free_memory(device))
+        try:
+            plan = plan_decode(decoder.config, shape, next(decoder.parameters()).dtype, budget, overlap)
+            return {**options, "memory_budget": min(budget, plan.estimated_bytes) // 2}
+        except MemoryError:
+            tiles = default_tiles((height, width), overlap)
+    elif mode == "tiled" and options.get("tiles") is not None:
+        tiles = tuple(options["tiles"])
+    else:
+        tiles = (1, 1) if mode == "streaming" else default_tiles((height, width), overlap)
+    return {
+        "mode": "tiled",
+        "tiles": next_tiles(tiles, height, width, overlap),
+        "overlap": overlap,
+        "frames_per_chunk": 1,
+    }
+
+
+def next_tiles(tiles: tuple[int, int], height: int, width: int, overlap: int) -> tuple[int, int]:
+    """The next finer tile grid of a latent (height, width) that still fits the overlap: twice the tiles along both
+    axes, else one more along both, else along one; `tiles` itself when no finer grid fits."""
+    rows, cols = tiles
+    for grid in ((2 * rows, 2 * cols), (rows + 1, cols + 1), (2 * rows, cols), (rows, 2 * cols), (rows + 1, cols),
+                 (rows, cols + 1)):  # fmt: skip
+        try:
+            tile_spans(height, grid[0], overlap)
+            tile_spans(width, grid[1], overlap)
+        except ValueError:
+            continue
+        return grid
+    return (rows, cols)
+
+
+def describe_vae_options(options: dict) -> str:
+    """A decode plan in words, for messages: "auto (budget 1.50 GiB)", "tiled 2x2, 1 latent frame per chunk" ..."""
+    mode = options.get("mode", "auto")
+    parts = [mode]
+    if options.get("memory_budget") is not None:
+        parts[0] += f" (budget {options['memory_budget'] / 2**30:.2f} GiB)"
+    if options.get("tiles") is not None:
+        parts[0] += " {}x{}".format(*options["tiles"])
+    if options.get("frames_per_chunk") is not None:
+        n = options["frames_per_chunk"]
+        parts.append(f"{n} latent frame{'s' if n != 1 else ''} per chunk")
+    return ", ".join(parts)

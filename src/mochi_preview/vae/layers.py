@@ -161,6 +161,60 @@ class ResBlock(nn.Module):
             h = self.attn_block(h, state)
         return h
 
+    def use_compiled(self, math) -> None:
+        """Run the branch's norms, activations and padding through `math`, a torch.compile of `norm_silu_pad`
+        shared by every ResBlock (Decoder.compile_blocks); the convolutions and the stream state stay outside it."""
+        self._math = math
+        self._residual = self._residual_compiled  # an instance attribute: `_residual` of this block only
+
+    def _residual_compiled(self, x: torch.Tensor, state: StreamState | None) -> torch.Tensor:
+        """`_residual` with each convolution's input made by the compiled `norm_silu_pad` (group norm, SiLU and the
+        causal padding fused into one pass): the compiled code sees tensors and numbers only, never the stream state
+        (read before it, written after it) or a module, so its guards are shapes, dtypes and whether a chunk starts
+        the video: the same few compilations serve every block, chunk length and decode."""
+        norm1, _, conv1, norm2, _, conv2 = self.stack
+        h = x.contiguous()  # a step of a level is a strided view: one layout, one set of guards
+        for norm, conv in ((norm1, conv1), (norm2, conv2)):
+            previous = state.conv_frames(conv) if state is not None else None
+            if previous is not None:  # always k_t - 1 frames: a constant, not a size to share a symbol with
+                torch._dynamo.mark_static(previous, 2)
+            padded, last = self._math(h, previous, norm.weight, norm.bias, norm.num_groups, norm.eps, conv.kernel_size)
+            if state is not None:
+                state.set_conv_frames(conv, last)
+            h = F.conv3d(padded, conv.weight, conv.bias)
+            del padded
+        h += x
+        if self.attn_block is not None:
+            h = self.attn_block(h, state)
+        return h
+
+
+def norm_silu_pad(
+    x: torch.Tensor,
+    previous: torch.Tensor | None,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    groups: int,
+    eps: float,
+    kernel: tuple[int, int, int],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GroupNormSpatial, SiLU and CausalConv3d's padding as plain tensor math (what Decoder.compile_blocks compiles).
+
+    x (B, C, T, H, W) -> (the convolution's padded input (B, C, k_t - 1 + T, H + 2 (k_h // 2), ...), its last
+    k_t - 1 frames, which the next chunk of the stream takes as `previous`; None: the chunk starts the video, whose
+    first frame is replicated). The same numbers as the eager modules (the norm in fp32, stored in x's dtype).
+    """
+    b, c, t, h, w = x.shape
+    frames = x.transpose(1, 2).reshape(b * t, c, h, w).float()
+    y = F.group_norm(frames, groups, weight.float(), bias.float(), eps).to(x.dtype)
+    y = F.silu(y.reshape(b, t, c, h, w).transpose(1, 2))
+    kt, kh, kw = kernel
+    pt, ph, pw = kt - 1, (kh - 1) // 2, (kw - 1) // 2
+    y = F.pad(y, (pw, pw, ph, ph, pt, 0), mode="replicate")
+    if previous is not None:
+        y = torch.cat([previous, y[:, :, pt:]], dim=2)
+    return y, y[:, :, y.shape[2] - pt :].clone()
+
 
 class DepthToSpaceTime(nn.Module):
     """(B, C*st*s*s, T, H, W) -> (B, C, T*st, H*s, W*s), then drop the first st - 1 frames of the video."""

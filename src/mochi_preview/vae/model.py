@@ -15,7 +15,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..geometry import VideoGeometry
-from .layers import CausalConv3d, Conv1x1, DepthToSpaceTime, GroupNormSpatial, ResBlock, frames_per_step
+from .layers import (
+    CausalConv3d,
+    Conv1x1,
+    DepthToSpaceTime,
+    GroupNormSpatial,
+    ResBlock,
+    frames_per_step,
+    norm_silu_pad,
+)
 from .stream import StreamState
 
 
@@ -184,11 +192,36 @@ class Decoder(nn.Module):
 
     def compile_blocks(self, **compile_kwargs) -> Decoder:
         """Opt in to torch.compile for every ResBlock's residual branch (fusing its group norms and activations with
-        the data movement around the convolutions). Weights and state-dict keys are unchanged."""
+        the padding around the convolutions). Weights and state-dict keys are unchanged.
+
+        One compiled function serves every ResBlock: `layers.norm_silu_pad`, with the weights, the input and the
+        stream's carried frames as arguments; the stream state is read and written outside it and the convolutions
+        run as they are (a library kernel either way). Its guards are shapes (dynamic by default), dtypes and
+        whether a chunk starts the video, never a block or a state object: a handful of compilations for any number
+        of blocks, chunk lengths and decodes, far below dynamo's recompile limit."""
+        compiled = torch.compile(norm_silu_pad, **{"dynamic": True, **compile_kwargs})
+
+        def math(*args):
+            # Sizes that happen to be equal in the first call (4 frames of 4 latent rows) stay separate symbols:
+            # otherwise the compiled code would guard on that coincidence and compile again when it ends.
+            with _no_duck_shapes():
+                return compiled(*args)
+
         for module in self.modules():
             if isinstance(module, ResBlock):
-                module._residual = torch.compile(module._residual, **compile_kwargs)
+                module.use_compiled(math)
         return self
+
+
+def _no_duck_shapes():
+    """torch.compile without "duck sizing" (one symbol for sizes equal when traced), where torch has the switch."""
+    from contextlib import nullcontext
+
+    try:
+        from torch.fx.experimental import _config as config
+    except ImportError:
+        return nullcontext()
+    return config.patch(use_duck_shape=False) if hasattr(config, "use_duck_shape") else nullcontext()
 
 
 def fourier_features(video: torch.Tensor, exponents: tuple[int, ...] = (6, 7)) -> torch.Tensor:
