@@ -5,20 +5,26 @@ dtype, and the achieved FLOP rate over the matmul rate measured in the same run 
 `--long` adds one block at 16,000 visual tokens, where attention is half the FLOPs (at 163 frames it is 71%).
 
 On a CPU without bf16 instructions our bf16 model multiplies bf16-stored tensors in fp32 (exact upcast, one rounding
-of each output: what a GPU's tensor cores do), so its rate is compared with both the bf16 and the fp32 matmul rate.
+of each output: what a GPU's tensor cores do), so its rate is compared with both the bf16 and the fp32 matmul rate;
+on a CPU with them (avx512_bf16, amx_bf16, aarch64 bf16) it multiplies in bf16 (dit/layers.cpu_half_path). Each bf16
+row names the path it took; `--cpu_half auto native upcast` times each path (MOCHI_CPU_HALF) side by side.
 
     python bench/bench_dit.py [--long] [--long_bf16] [--compile] [--dtypes float32 bfloat16] [--repeats 5] [--threads 2]
+        [--cpu_half auto|native|upcast ...]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+from mochi_preview.dit.layers import HALF, NATIVE_HALF_FLAGS, cpu_flags, cpu_half_path, decide_cpu_half_path
 
 
 def dit_flops(n: int, l_text: int, depth: int, dx: int = 3072, dy: int = 1536, hx: int = 8192, hy: int = 4096) -> float:
@@ -62,10 +68,26 @@ def build(depth: int, folder: Path):
     return theirs
 
 
-def compare(depth, frames, rows, cols, text_valid, repeats, dtypes, compile_too=False) -> list[str]:
+def use_cpu_half(mode: str) -> None:
+    """Take CPU half path `mode` ("auto", "native", "upcast") from the next forward on."""
+    os.environ["MOCHI_CPU_HALF"] = mode
+    decide_cpu_half_path.cache_clear()
+
+
+def cpu_half_line() -> str:
+    """Which half-precision instructions this CPU has, and the path "auto" takes for each format."""
+    parts = []
+    for dtype, flags in NATIVE_HALF_FLAGS.items():
+        use_cpu_half("auto")
+        found = sorted(flags & cpu_flags()) or ["none of " + "/".join(sorted(flags))]
+        parts.append(f"{str(dtype).removeprefix('torch.')}: {', '.join(found)} -> auto = {cpu_half_path(dtype)}")
+    return "CPU half paths: " + "; ".join(parts)
+
+
+def compare(depth, frames, rows, cols, text_valid, repeats, dtypes, compile_too=False, modes=("auto",)):
+    """Yields the table's lines as they are measured."""
     from mochi_preview import load_dit
 
-    lines = []
     rates = {dt: matmul_rate(dt) for dt in (torch.float32, torch.bfloat16)}
     with tempfile.TemporaryDirectory() as tmp:
         theirs32 = build(depth, Path(tmp))
@@ -77,45 +99,51 @@ def compare(depth, frames, rows, cols, text_valid, repeats, dtypes, compile_too=
         mask[0, :text_valid] = True
         sigma = torch.tensor([0.6])
         flops = dit_flops(n, text_valid, depth)
-        lines.append(f"{depth} block(s), {n} visual + {text_valid} valid text tokens, {flops / 1e9:.0f} GFLOP")
-        lines.append(
-            "| dtype | ours s | diffusers s | **ours / diffusers** | ours GFLOP/s | of matmul rate (same dtype) "
-            "| of fp32 matmul rate | diffusers of matmul rate (same dtype) |"
+        yield f"{depth} block(s), {n} visual + {text_valid} valid text tokens, {flops / 1e9:.0f} GFLOP"
+        yield (
+            "| dtype [CPU half path] | ours s | diffusers s | **ours / diffusers** | ours GFLOP/s "
+            "| of matmul rate (same dtype) | of fp32 matmul rate | diffusers of matmul rate (same dtype) |"
         )
-        lines.append("|---|---|---|---|---|---|---|---|")
+        yield "|---|---|---|---|---|---|---|---|"
         for dtype in dtypes:
             ours = load_dit(tmp, dtype=dtype)
             theirs = theirs32.to(dtype)
-            variants = [("", ours)]
+            # (label, model, MOCHI_CPU_HALF): one row per path for half dtypes; compiled blocks bake "auto" in
+            variants = [("", ours, mode) for mode in (modes if dtype in HALF else ("auto",))]
             if compile_too:
-                variants.append((" compiled", load_dit(tmp, dtype=dtype).compile_blocks()))
+                variants.append((" compiled", load_dit(tmp, dtype=dtype).compile_blocks(), "auto"))
             args_ours = (latents, sigma, feats, mask)
             args_theirs = (latents.to(dtype), feats.to(dtype), 1000 * (1 - sigma), mask.long())
+            times = {(label, mode): [] for label, _, mode in variants}
+            paths = {}
             with torch.inference_mode():
-                for _, model in variants:
+                for label, model, mode in variants:
+                    use_cpu_half(mode)
                     model(*args_ours)  # warm-up (and compilation)
+                    paths[label, mode] = cpu_half_path(dtype) if dtype in HALF else "-"
                 theirs(*args_theirs, return_dict=False)
-                times = {name: [] for name, _ in variants}
                 t_theirs = []
                 for _ in range(repeats):  # interleaved, so machine noise hits both sides alike
-                    for name, model in variants:
-                        times[name].append(_timed(model, *args_ours))
+                    for label, model, mode in variants:
+                        use_cpu_half(mode)
+                        times[label, mode].append(_timed(model, *args_ours))
                     t_theirs.append(_timed(theirs, *args_theirs, return_dict=False))
+            use_cpu_half("auto")
             b = statistics.median(t_theirs)
             rate, rate32 = rates[dtype], rates[torch.float32]
             name = str(dtype).removeprefix("torch.")
-            for variant, ts in times.items():
+            for (label, mode), ts in times.items():
                 a = statistics.median(ts)
-                lines.append(
-                    f"| {name}{variant} | {a:.3f} | {b:.3f} | **{a / b:.2f}** | {flops / a / 1e9:.1f} "
+                path = paths[label, mode] + (" (auto)" if mode == "auto" and dtype in HALF else "")
+                yield (
+                    f"| {name}{label} [{path}] | {a:.3f} | {b:.3f} | **{a / b:.2f}** | {flops / a / 1e9:.1f} "
                     f"| {flops / a / rate:.0%} | {flops / a / rate32:.0%} | {flops / b / rate:.0%} |"
                 )
             del ours, variants
-        lines.append(
+        yield (
             "matmul rate (F.linear 1536x3072 -> 3072): "
             + ", ".join(f"{str(k).removeprefix('torch.')} {v / 1e9:.1f} GFLOP/s" for k, v in rates.items())
         )
-    return lines
 
 
 def main() -> None:
@@ -126,15 +154,19 @@ def main() -> None:
     parser.add_argument("--long_bf16", action="store_true", help="the long case in bf16 too (diffusers: ~10 min)")
     parser.add_argument("--compile", action="store_true", help="also our model with compile_blocks()")
     parser.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16"], default=["float32", "bfloat16"])
+    parser.add_argument(
+        "--cpu_half", nargs="+", choices=["auto", "native", "upcast"], default=["auto"], help="bf16 paths to time"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d %H:%M')}")
+    print(cpu_half_line())
     both = tuple(getattr(torch, name) for name in args.dtypes)
-    for line in compare(2, 5, 26, 46, 64, args.repeats, both, args.compile):  # 1,495 visual tokens
+    for line in compare(2, 5, 26, 46, 64, args.repeats, both, args.compile, args.cpu_half):  # 1,495 visual tokens
         print(line, flush=True)
     if args.long:
         dtypes = both if args.long_bf16 else (torch.float32,)
-        for line in compare(1, 16, 40, 100, 64, 2, dtypes):  # 16,000 visual tokens
+        for line in compare(1, 16, 40, 100, 64, 2, dtypes, modes=args.cpu_half):  # 16,000 visual tokens
             print(line, flush=True)
 
 

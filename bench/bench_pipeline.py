@@ -82,8 +82,8 @@ def diffusers_pipeline(ours):
     return TheirPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(invert_sigmas=True),
         vae=vae,
-        text_encoder=ours.text_encoder.model,
-        tokenizer=ours.text_encoder.tokenizer,
+        text_encoder=ours.text_encoder,
+        tokenizer=ours.tokenizer,
         transformer=transformer,
     )
 

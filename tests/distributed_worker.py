@@ -194,7 +194,9 @@ def run_device() -> dict:
     return {"per_rank": seen}
 
 
-PIPELINE_CALL = dict(width=48, height=32, num_frames=13, num_inference_steps=2, seed=3, progress=False)
+PIPELINE_CALL = dict(
+    width=48, height=32, num_frames=13, num_inference_steps=2, seed=3, progress=False, output_type="np"
+)
 
 
 def run_offload() -> dict:

@@ -91,6 +91,50 @@ def test_truncated_file(tmp_path, native):
         load_dit(tmp_path / "dit.safetensors")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nan_or_inf_is_named_with_file_and_tensor_while_loading(tmp_path, state, dtype):
+    """A corrupt tensor stops the load (before any sampling), in a fp32 or bf16 file, far from a chunk's start."""
+    bad = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    weight = bad["final_layer.linear.weight"].clone()
+    weight.view(-1)[-1] = float("nan")
+    bad["final_layer.linear.weight"] = weight
+    bad["blocks.0.mlp_x.w1.weight"] = (
+        bad["blocks.0.mlp_x.w1.weight"].clone().index_fill_(0, torch.tensor([2]), float("-inf"))
+    )
+    save_file(bad, str(tmp_path / "dit.safetensors"))
+    with pytest.raises(
+        CheckpointError,
+        match=r"dit\.safetensors: tensor '(final_layer\.linear\.weight|blocks\.0\.mlp_x\.w1\.weight)' holds",
+    ):
+        load_dit(tmp_path, dtype=torch.bfloat16)
+    del bad["blocks.0.mlp_x.w1.weight"]
+    reader = dit_layout.open_checkpoint(_save_partial(tmp_path, bad))
+    with pytest.raises(CheckpointError, match=r"'final_layer\.linear\.weight' holds 1 NaN and 0 Inf values"):
+        reader.read("final_layer.linear.weight")
+    assert reader.read("blocks.0.mlp_x.w2.weight").isfinite().all()
+
+
+def test_nan_check_spans_chunks(tmp_path, monkeypatch):
+    """The check runs chunk by chunk as the data is copied: a NaN in the last of several chunks is found."""
+    from mochi_preview import checkpoint
+
+    monkeypatch.setattr(checkpoint, "CHUNK", 7)
+    t = torch.arange(50, dtype=torch.float32)
+    save_file(
+        {"ok": t, "bad": t.clone().index_fill_(0, torch.tensor([48]), float("inf"))}, str(tmp_path / "x.safetensors")
+    )
+    reader = checkpoint.open_checkpoint(tmp_path / "x.safetensors")
+    assert torch.equal(reader.read("ok", torch.bfloat16), t.bfloat16())
+    with pytest.raises(CheckpointError, match=r"'bad' holds 0 NaN and 1 Inf"):
+        reader.read("bad")
+
+
+def _save_partial(tmp_path, state):
+    path = tmp_path / "partial.safetensors"
+    save_file(state, str(path))
+    return path
+
+
 def test_pickle_is_refused(tmp_path, state):
     torch.save(state, tmp_path / "dit.pt")
     with pytest.raises(CheckpointError, match="pickle.*refused"):
@@ -181,3 +225,11 @@ def test_published_depth_and_widths_with_other_sizes_are_refused(monkeypatch, na
     monkeypatch.setitem(configs.CONFIGS, configs.PUBLISHED, entry)
     with pytest.raises(CheckpointError, match=r"of 'mochi-1-preview' but differs in timestep_freq_dim=256"):
         load_dit(native)
+
+
+def test_fp16_values_whose_sum_overflows_are_not_mistaken_for_inf(tmp_path):
+    from mochi_preview import checkpoint
+
+    big = torch.full((4096,), 60000.0, dtype=torch.float16)  # finite, but their fp16 sum is inf
+    save_file({"big": big}, str(tmp_path / "x.safetensors"))
+    assert torch.equal(checkpoint.open_checkpoint(tmp_path / "x.safetensors").read("big"), big)

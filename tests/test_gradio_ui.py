@@ -1,11 +1,16 @@
-"""The web UI: its handler called directly (results and error messages), then the real page in headless Chromium."""
+"""The web UI: its server side called directly (results, refusals, cancelling, the queue), then a real server through
+gradio_client and the real page in headless Chromium."""
 
 from __future__ import annotations
 
 import inspect
 import json
 import os
+import re
 import sys
+import threading
+import time
+from contextlib import closing
 from pathlib import Path
 
 import gradio as gr
@@ -13,14 +18,17 @@ import pytest
 import torch
 from browser import chromium_page, free_port, server, wait_until_up
 
-from mochi_preview import gradio_ui, infer
-from mochi_preview.settings import SETTINGS
+from mochi_preview import MochiPipeline, gradio_ui, infer
+from mochi_preview.demo.vocabulary import DEMO_PROMPT
+from mochi_preview.estimate import Cost, Rates
+from mochi_preview.settings import SETTINGS, Settings
 from mochi_preview.tiny import save_random_model
 from mochi_preview.video import read_video
 
 SMALL = dict(width=48, height=32, num_frames=13, num_steps=3)  # the test model's mochi_defaults.json
-FORM = dict(prompt="a red ball", negative_prompt="", seed=7, random_seed=False, cfg_scale=6.0, threshold_noise=0.025,
-            linear_steps=None, **SMALL)  # fmt: skip
+FORM = {**Settings().to_file(), "prompt": "a red ball", "seed": 7, "random_seed": False, **SMALL}
+LONG = dict(num_steps=1000)  # a job that runs long enough to be cancelled (the tiny model: ms per step)
+HUGE = dict(width=4096, height=4096, num_frames=997)  # issue 20: it once took the server's whole memory
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +43,7 @@ def ui_server(model_dir, tmp_path_factory):
     """The UI in its own process, started first so that its slow startup (imports) overlaps the direct tests."""
     folder, port = tmp_path_factory.mktemp("ui"), free_port()
     cmd = [sys.executable, "-m", "mochi_preview.gradio_ui", "--model_dir", str(model_dir), "--dtype", "fp32"]
-    cmd += ["--port", str(port), "--out_dir", str(folder / "outputs"), "--quiet"]
+    cmd += ["--port", str(port), "--out_dir", str(folder / "outputs"), "--quiet", "--max_pixels", str(2**40)]
     env = {**os.environ, "GRADIO_TEMP_DIR": str(folder / "gradio"), "NO_PROXY": "127.0.0.1"}
     with server(cmd, folder / "server.log", cwd=folder, env=env) as proc:
         yield proc, f"http://127.0.0.1:{port}/", folder
@@ -47,30 +55,63 @@ def loaded(model_dir):
     return infer.load_pipeline(args)[0], args
 
 
-def handler(loaded, out_dir):
+@pytest.fixture(scope="module")
+def rates(loaded, tmp_path_factory):
+    """Measured once, on a studio's device thread (where jobs run); the studios below share it."""
     pipe, args = loaded
-    return gradio_ui.make_handler(pipe, out_dir, infer.RunOptions.from_args(args))
+    return gradio_ui.Studio(pipe, tmp_path_factory.mktemp("x"), infer.RunOptions.from_args(args)).rates
 
 
-def call(run, progress=None, **changes):
-    values = {**FORM, **changes}
-    return run(*(values[k] for k in gradio_ui.FORM), progress=progress or (lambda *a, **k: None))
+def studio(loaded, rates, out_dir, limits=None, **kw):
+    pipe, args = loaded
+    limits = limits or gradio_ui.Limits()
+    return gradio_ui.Studio(pipe, out_dir, infer.RunOptions.from_args(args), limits, rates=rates, **kw)
 
 
-def test_handler_writes_the_clis_files_and_reports_progress(loaded, tmp_path):
-    steps = []
-    video, record, seed = call(handler(loaded, tmp_path), progress=lambda p, **k: steps.append(p))
+def values(**changes):
+    form = {**FORM, **changes}
+    return [form[k] for k in gradio_ui.FORM]
+
+
+def run(handler, *args):
+    """Everything a generator handler yields, and its last update."""
+    updates = list(handler(*args))
+    return updates, updates[-1]
+
+
+def started(job, steps: int = 1, timeout: float = 60) -> None:
+    """Wait until `job` has run `steps` sampling steps."""
+    deadline = time.monotonic() + timeout
+    while job.steps_done < steps:
+        assert time.monotonic() < deadline and not job.done.is_set(), (job.stage, job.error)
+        job.seen = time.monotonic()  # its request is still listening
+        time.sleep(0.02)
+
+
+def test_handler_writes_the_clis_files_and_reports_each_stage(loaded, rates, tmp_path):
+    updates, (video, record, seed, status) = run(gradio_ui.make_handler(studio(loaded, rates, tmp_path)), *values())
     assert video.startswith(str(tmp_path / "output_")) and video.endswith(".mp4")
     frames, info = read_video(video)
     assert frames.shape == (13, 32, 48, 3) and info["fps"] == 30
     assert record == json.loads(Path(video).with_suffix(".json").read_text())
     assert record["prompt"] == "a red ball" and record["seed"] == seed == 7 and len(record["sigmas"]) == 4
-    assert steps == [(0, 3), (1, 3), (2, 3), (3, 3)]
+    assert status == "Done" and all(u[:3] == (gr.skip(),) * 3 for u in updates[:-1])
     assert sorted(p.suffix for p in tmp_path.iterdir()) == [".json", ".mp4"]  # nothing else, no partial file
 
 
-def test_random_seed_is_drawn_and_recorded(loaded, tmp_path):
-    _, record, seed = call(handler(loaded, tmp_path), random_seed=True, seed=None)
+def test_status_names_the_stage_step_and_seconds_per_step(loaded, rates, tmp_path):
+    s = studio(loaded, rates, tmp_path)
+    job = s.request({**FORM, **LONG})
+    started(job, 2)
+    text = job.status().split("\n\n")[-1]  # after the notices
+    assert text.startswith("Sampling: step ") and " of 1000 · " in text and " per step · about " in text
+    assert job.step_seconds() == sum(job.step_times) / len(job.step_times)  # measured, no longer the estimate
+    s.cancel(None)
+    job.done.wait(60)
+
+
+def test_random_seed_is_drawn_and_recorded(loaded, rates, tmp_path):
+    _, (_, record, seed, _) = run(gradio_ui.make_handler(studio(loaded, rates, tmp_path)), *values(random_seed=True))
     assert record["seed"] == seed != FORM["seed"]  # the seed field shows the drawn seed; the sidecar keeps it
 
 
@@ -85,47 +126,176 @@ def test_random_seed_is_drawn_and_recorded(loaded, tmp_path):
         (dict(threshold_noise=2), r"Threshold noise must be between 0 and 1; got 2"),
         (dict(width=None), "Width is empty; enter a number"),
         (dict(num_frames=13.5), "Frames must be a whole number; got 13.5"),
+        (dict(width=16.5), "Width must be a whole number; got 16.5"),  # refused, as in the CLI, not rounded
         (dict(seed=-1), "Seed must be between 0 and 2\\*\\*64 - 1; got -1"),
+        (
+            dict(num_frames=169),
+            r"Refused: Frames=169 is above this server's --max_frames=163\. Estimate on this "
+            r"machine: .* per step",
+        ),  # fmt: skip
+        (dict(width=864, height=480), r"864x480 = 414,720 pixels is above this server's --max_pixels=407,040"),
+        (HUGE, r"Refused: .*it needs about [0-9.]+ (TiB|GiB) of memory on cpu; [0-9.]+ GiB is free"),
     ],
 )
-def test_bad_input_is_a_message_and_writes_nothing(loaded, tmp_path, changes, message):
+def test_bad_input_is_a_message_before_anything_is_queued(loaded, rates, tmp_path, changes, message):
+    s = studio(loaded, rates, tmp_path)
     with pytest.raises(gr.Error, match=message):
-        call(handler(loaded, tmp_path), **changes)
+        run(gradio_ui.make_handler(s), *values(**changes))
+    assert s.worker.waiting() == 0 and s.worker.current is None and not list(tmp_path.iterdir())
+
+
+def test_a_job_estimated_past_the_time_limit_is_refused_with_the_estimate(loaded, tmp_path):
+    def slow():  # 30 s per DiT call, 5 s per decode, whatever the FLOPs (a finished job would correct them)
+        return Rates(1.0, Cost(fixed=30.0, rate=1e30), Cost(fixed=5.0, rate=1e30), free=2**40, host_free=2**40)
+
+    s = studio(loaded, slow(), tmp_path, gradio_ui.Limits(max_job_seconds=600))
+    refusal = r"about 3 h \d\d min, above this server's --max_job_seconds=600\. Estimate on this machine: 3 h .* = 30 s"
+    with pytest.raises(ValueError, match=refusal):
+        s.request({**FORM, "num_steps": 400, "cfg_scale": 1.0})
+    job = s.request({**FORM, "num_steps": 3, "cfg_scale": 1.0})  # 1 min 36 s: no warning
+    assert job.estimate.seconds == pytest.approx(1 + 3 * 30 + 5) and job.notices == []
+    job.done.wait(60)
+    s = studio(loaded, slow(), tmp_path, gradio_ui.Limits(max_job_seconds=600))
+    job = s.request({**FORM, "num_steps": 8, "cfg_scale": 1.0})  # 4 min 06 s: a warning
+    assert job.notices == [f"This job will take about 4 min 06 s on this device ({gradio_ui.summary(job.estimate)})"]
+    job.done.wait(60)
+
+
+def test_cancel_stops_the_job_between_steps_and_frees_the_queue(loaded, rates, tmp_path):
+    s = studio(loaded, rates, tmp_path)
+    handler = gradio_ui.make_handler(s)
+    request = type("Request", (), {"session_hash": "tab-1"})()
+    updates = []
+    thread = threading.Thread(target=lambda: updates.extend(handler(*values(**LONG), request)))
+    thread.start()
+    while s.worker.current is None or s.worker.current.steps_done < 2:
+        assert thread.is_alive()
+        time.sleep(0.02)
+    job = s.worker.current
+    assert s.cancel("another-tab") == "Nothing to cancel" and not job.cancel.is_set()
+    assert s.cancel("tab-1") == "Cancelling 1 job"
+    thread.join(60)
+    assert updates[-1][:3] == (gr.skip(),) * 3 and updates[-1][3].startswith("Cancelled at step ")
+    assert 2 <= job.steps_done < 1000 and not list(tmp_path.iterdir())  # between steps; nothing written
+    _, (video, *_) = run(handler, *values())  # the next job runs
+    assert Path(video).is_file()
+
+
+def test_a_job_whose_page_went_away_stops(loaded, rates, tmp_path, monkeypatch):
+    """Its request stops asking (gradio closed the event, or the client vanished): the job stops between steps."""
+    monkeypatch.setattr(gradio_ui, "CLIENT_TIMEOUT", 0.5)
+    s = studio(loaded, rates, tmp_path)
+    job = s.request({**FORM, **LONG})
+    started(job, 2)
+    assert job.done.wait(60)  # nobody follows it any more
+    assert isinstance(job.error, gradio_ui.JobStopped) and "the page that asked for it went away" in str(job.error)
+    assert job.steps_done < 1000 and not list(tmp_path.iterdir())
+
+
+def test_closing_the_status_stream_cancels_the_job(loaded, rates, tmp_path):
+    """What gradio does to a generator on /cancel and on a disconnect: close it."""
+    s = studio(loaded, rates, tmp_path)
+    job = s.request({**FORM, **LONG})
+    with closing(s.follow(job)) as statuses:
+        next(statuses)
+        started(job, 1)
+    assert job.cancel.is_set() and job.done.wait(60) and "Cancelled at step" in str(job.error)
+
+
+def test_a_job_past_its_time_limit_is_stopped(loaded, tmp_path):
+    fast = Rates(text=0.0, dit=Cost(fixed=0.0, rate=1e30), vae=Cost(fixed=0.0, rate=1e30), free=2**40, host_free=2**40)
+    s = studio(loaded, fast, tmp_path, gradio_ui.Limits(max_job_seconds=0.5))
+    with pytest.raises(
+        gr.Error, match=r"Stopped at step \d+ of 1000: it ran past this server's --max_job_seconds=0\.5"
+    ):
+        run(gradio_ui.make_handler(s), *values(**LONG))
     assert not list(tmp_path.iterdir())
 
 
-def test_nan_latents_and_out_of_memory_are_messages(loaded, tmp_path, monkeypatch):
+def test_queue_position_and_an_honest_wait(loaded, rates, tmp_path):
+    """The second job sees one job ahead, and a wait from what the first one has measured and has left."""
+    s = studio(loaded, rates, tmp_path, max_queue=1)
+    first = s.request({**FORM, **LONG})
+    started(first, 3)
+    second = s.request(FORM)
+    with pytest.raises(gradio_ui.QueueFull, match=r"the queue is full \(1 jobs wait\)"):
+        s.request(FORM)
+    ahead, wait = s.worker.place(second)
+    assert ahead == 1 and wait == pytest.approx(first.remaining(), rel=0.2)
+    assert wait > (1000 - first.steps_done - 5) * min(first.step_times)  # its remaining steps at their measured pace
+    assert second.status(ahead, wait).startswith("Waiting for the device: 1 job ahead, about ")
+    s.cancel(None)
+    assert first.done.wait(60) and second.done.wait(60) and second.video is None
+
+
+def test_out_of_memory_fails_that_job_only(loaded, rates, tmp_path, monkeypatch):
     pipe, _ = loaded
+    handler = gradio_ui.make_handler(studio(loaded, rates, tmp_path))
     forward = pipe.dit.forward
     monkeypatch.setattr(pipe.dit, "forward", lambda *a, **k: forward(*a, **k) * float("nan"))
     with pytest.raises(gr.Error, match="NaN or inf at step 1 of 3.*no video was written"):
-        call(handler(loaded, tmp_path))
+        run(handler, *values())
 
     def out_of_memory(*a, **k):
         raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
 
     monkeypatch.setattr(pipe.dit, "forward", out_of_memory)
     with pytest.raises(gr.Error, match=r"out of device memory during the dit stage.*--cpu_offload"):
-        call(handler(loaded, tmp_path))
+        run(handler, *values())
+
+    def host_out_of_memory(*a, **k):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you tried")
+
+    monkeypatch.setattr(pipe.dit, "forward", host_out_of_memory)
+    with pytest.raises(gr.Error, match=r"out of memory \(.*can't allocate memory.*\); this job failed"):
+        run(handler, *values())
     assert not list(tmp_path.iterdir())
+    monkeypatch.setattr(pipe.dit, "forward", forward)
+    _, (video, *_) = run(handler, *values())  # the server goes on
+    assert Path(video).is_file()
 
 
-def test_form_is_built_from_the_settings_table(loaded, tmp_path):
-    """Every setting has one input, labelled and filled as the table and the model's defaults say, in FORM's order."""
+def test_notices_for_a_cut_prompt_and_a_prompt_outside_the_demo_world(loaded, rates, tmp_path):
+    s = studio(loaded, rates, tmp_path, demo=True)
+    cut, demo = [s.request({**FORM, "prompt": p}) for p in ("a lemon on a table " * 60, DEMO_PROMPT)]
+    s.cancel(None)
+    assert cut.done.wait(60) and demo.done.wait(60)
+    assert re.match(r"The prompt is \d{3} tokens; only the first 256 are used", cut.notices[0])
+    assert "colours: " in cut.notices[1] and "shapes: " in cut.notices[1]  # the demo's vocabulary
+    assert demo.notices == []
+    lemon = gradio_ui.read_form({**FORM, "prompt": "a lemon"})
+    assert studio(loaded, rates, tmp_path)._read_prompts(lemon)[1] == []  # not the demo model: no such notice
+
+
+def test_form_and_genmos_endpoint_are_built_from_the_settings_table(loaded, rates, tmp_path):
+    """Every setting has one input, labelled and filled as the table and the model's defaults say, in FORM's order;
+    Genmo's endpoint takes Genmo's eight inputs in Genmo's order."""
     pipe, args = loaded
     assert gradio_ui.FORM == (*[s.file for s in SETTINGS[:6]], "random_seed", *[s.file for s in SETTINGS[6:]])
-    run = handler(loaded, tmp_path)
-    assert list(inspect.signature(run).parameters) == [*gradio_ui.FORM, "progress"]  # what gradio passes
-    demo = gradio_ui.build_ui(pipe, args, args.model_dir)
+    s = studio(loaded, rates, tmp_path)
+    assert list(inspect.signature(gradio_ui.make_handler(s)).parameters) == [*gradio_ui.FORM, "request"]
+    demo = gradio_ui.build_ui(s, args, args.model_dir)
     inputs = [b for b in demo.blocks.values() if isinstance(b, gr.Textbox | gr.Number)]
     assert [b.label for b in inputs] == [s.label for s in SETTINGS]
     assert [b.value for b in inputs][2:5] == [48, 32, 13]  # the model folder's mochi_defaults.json
-    [click] = [fn for fn in demo.fns.values() if fn.api_name == "generate"]
-    assert [demo.blocks[i].label for i in (b._id for b in click.inputs)] == [
-        *[s.label for s in SETTINGS[:6]],
-        "Random seed",
-        *[s.label for s in SETTINGS[6:]],
-    ]
+    assert all(getattr(b, "precision", None) is None for b in inputs)  # gradio would round 16.5 to 16
+    labels = lambda name: [demo.blocks[b._id].label for b in endpoint(demo, name).inputs]  # noqa: E731
+    assert labels("generate") == [*[s.label for s in SETTINGS[:6]], "Random seed", *[s.label for s in SETTINGS[6:]]]
+    assert labels("generate_video") == ["Prompt", "Negative prompt", "Width", "Height", "Frames", "Seed", "CFG scale",
+                                        "Steps"]  # fmt: skip
+    assert list(demo.fns.values())[0].api_name == "generate_video"  # also fn_index=0, as in Genmo's UI
+
+
+def endpoint(demo, name):
+    [fn] = [fn for fn in demo.fns.values() if fn.api_name == name]
+    return fn
+
+
+def test_demo_model_starts_with_a_demo_prompt(loaded, rates, tmp_path):
+    _, args = loaded
+    demo = gradio_ui.build_ui(studio(loaded, rates, tmp_path, demo=True), args, args.model_dir)
+    [prompt] = [b for b in demo.blocks.values() if isinstance(b, gr.Textbox) and b.label == "Prompt"]
+    assert prompt.value == DEMO_PROMPT
 
 
 def test_startup_errors_are_messages(model_dir, tmp_path, capsys, monkeypatch):
@@ -138,19 +308,72 @@ def test_startup_errors_are_messages(model_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(infer, "load_pipeline", load)
     assert gradio_ui.main(["--model_dir", str(model_dir), "--num_frames", "30", "--out_dir", str(tmp_path)]) == 2
     assert "--num_frames=30 is not of the form 6k+1 (nearest valid: [25, 31])" in capsys.readouterr().err
+    assert gradio_ui.main(["--model_dir", str(model_dir), "--lora_path", str(tmp_path / "x.safetensors")]) == 2
+    assert f"--lora_path {tmp_path / 'x.safetensors'}: " in capsys.readouterr().err
+    assert gradio_ui.main(["--model_dir", str(model_dir), "--max_frames", "0"]) == 2
+    assert "--max_frames must be positive; got 0" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         gradio_ui.main(["--sweep-file", "x.jsonl"])
     assert "--sweep-file and --output belong to the CLI" in capsys.readouterr().err
 
 
-def test_page_generates_a_video_in_chromium(ui_server):
-    """Type a prompt, click Generate, see the video; then 30 frames shows the message and writes nothing."""
+def test_genmos_flags_are_taken(model_dir, tmp_path, monkeypatch):
+    """Genmo's --cpu_offload is the model offload memory mode; --lora_path merges a LoRA (PATH[:STRENGTH])."""
+    from mochi_preview.lora import save_lora_native
+
+    args = gradio_ui.build_parser().parse_args(["--model_dir", str(model_dir), "--cpu_offload", "--dtype", "fp32"])
+    assert infer.memory_mode(args) == "model"
+    merged, served = [], []
+    monkeypatch.setattr(
+        MochiPipeline, "load_lora_weights", lambda pipe, path, strength=1.0: merged.append((path, strength))
+    )
+    monkeypatch.setattr(MochiPipeline, "fuse_lora", lambda pipe: merged.append("fused"))
+    monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kw: served.append(kw))
+    lora = save_lora_native(
+        tmp_path / "style.safetensors", {"blocks.0.attn.qkv_x": (torch.ones(2, 8), torch.ones(8, 2))}, 2, 2.0
+    )
+    argv = ["--model_dir", str(model_dir), "--dtype", "fp32", "--quiet", "--out_dir", str(tmp_path / "out")]
+    assert gradio_ui.main([*argv, "--lora_path", f"{lora}:0.5", "--port", "7999"]) == 0
+    assert merged == [(lora, 0.5), "fused"]
+    assert served[0]["server_port"] == 7999
+
+
+def test_gradio_client_huge_request_is_refused_while_a_job_runs_and_genmos_script_runs(ui_server):
+    """The 4096x4096x997 request is refused at once, while a long job holds the device (so it never waited for it);
+    cancelling frees the device; then a call written for Genmo's UI (its eight inputs, positionally) runs."""
+    from gradio_client import Client
+
+    proc, url, folder = ui_server
+    wait_until_up(proc, url, folder / "server.log")
+    client = Client(url, verbose=False)
+    long = client.submit(*values(**LONG), api_name="/generate")
+    deadline = time.monotonic() + 60
+    while not any("Sampling: step" in str(o) for o in long.outputs()):
+        assert time.monotonic() < deadline, (long.status(), (folder / "server.log").read_text()[-2000:])
+        time.sleep(0.1)
+    start = time.monotonic()
+    with pytest.raises(Exception, match=r"Refused: .*it needs about .* of memory on cpu"):
+        client.predict(*values(**HUGE), api_name="/generate")
+    print(f"refused in {time.monotonic() - start:.2f} s")  # issue 20 asks for under a second (reported, not asserted)
+    assert not long.done()  # it did not wait for the running job
+    assert client.predict(api_name="/cancel") == "Cancelling 1 job"
+    video = client.predict("a red ball", "", 48, 32, 13, 7, 6.0, 3, api_name="/generate_video")
+    path = Path(video["video"] if isinstance(video, dict) else video)
+    assert read_video(path)[0].shape == (13, 32, 48, 3)
+    [sidecar] = [json.loads(p.read_text()) for p in (folder / "outputs").glob("*.json")]
+    assert (sidecar["seed"], sidecar["num_steps"], sidecar["cfg_scale"]) == (7, 3, 6.0)
+
+
+def test_page_generates_cancels_and_generates_again_in_chromium(ui_server):
+    """Type a prompt, click Generate, see the video; a long job is cancelled between steps and the next one runs;
+    30 frames shows the message and writes nothing."""
     proc, url, folder = ui_server
     out = folder / "outputs"
     with chromium_page() as page:
         wait_until_up(proc, url, folder / "server.log")
         page.goto(url)
         assert page.get_by_label("Width").input_value() == "48"  # the model folder's defaults fill the form
+        page.locator("#estimate").get_by_text("Estimate on this device: ").wait_for()  # before any run
         page.get_by_label("Prompt", exact=True).fill("a lemon on a table")
         page.get_by_role("button", name="Generate").click()
         video = page.locator("video[src]")
@@ -158,14 +381,42 @@ def test_page_generates_a_video_in_chromium(ui_server):
         src = video.get_attribute("src")
         assert src.startswith(url) and src.endswith(".mp4")
         assert page.request.get(src).body()[4:8] == b"ftyp"  # the page's video is served, and it is an MP4
-        [mp4] = list(out.glob("output_*.mp4"))
-        sidecar = json.loads(mp4.with_suffix(".json").read_text())
-        assert sidecar["prompt"] == "a lemon on a table" and sidecar["num_frames"] == 13
+        [mp4] = [p for p in out.glob("output_*.mp4") if "a lemon on a table" in p.with_suffix(".json").read_text()]
         assert read_video(mp4)[0].shape == (13, 32, 48, 3)
         page.get_by_text('"a lemon on a table"').wait_for()  # the settings panel shows the sidecar
+        before = set(out.iterdir())
+
+        page.get_by_label("Steps").fill("1000")
+        page.get_by_role("button", name="Generate").click()
+        page.locator("#status").get_by_text("Sampling: step").wait_for(timeout=60_000)
+        page.get_by_role("button", name="Cancel").click()
+        page.locator("#status").get_by_text("Cancelled at step").wait_for(timeout=30_000)
+        assert set(out.iterdir()) == before  # nothing written
+
+        page.get_by_label("Steps").fill("3")
+        page.get_by_label("Prompt", exact=True).fill("a blue square")
+        page.get_by_role("button", name="Generate").click()
+        page.get_by_text('"a blue square"').wait_for(timeout=60_000)  # the next job ran
+        assert len(set(out.iterdir()) - before) == 2
 
         page.get_by_label("Frames").fill("30")
         page.get_by_role("button", name="Generate").click()
-        page.get_by_text("Frames=30 is not of the form 6k+1 (nearest valid: [25, 31])").wait_for(timeout=20_000)
-        assert {p.name for p in out.iterdir()} == {mp4.name, mp4.with_suffix(".json").name}
+        page.get_by_text("Frames=30 is not of the form 6k+1 (nearest valid: [25, 31])").first.wait_for(timeout=20_000)
+        assert len(set(out.iterdir()) - before) == 2
         assert page.external == []  # nothing left 127.0.0.1
+
+        page.get_by_label("Frames").fill("13")
+        page.get_by_label("Steps").fill("1000")
+        page.get_by_role("button", name="Generate").click()
+        page.locator("#status").get_by_text("Sampling: step").wait_for(timeout=60_000)
+        log = folder / "server.log"
+        stopped = log.read_text().count("job stopped: ")
+        page.close()  # closing the tab stops its job
+        deadline = time.monotonic() + 60
+        while log.read_text().count("job stopped: ") == stopped:
+            assert time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.2)
+        last = log.read_text().split("job stopped: ")[-1].splitlines()[0]
+        print(f"closing the tab: {last}")  # the unload event cancels it, or the watchdog sees its page gone
+        assert last.startswith(("Cancelled at step", "Stopped at step")) and last.endswith("nothing was written")
+        assert len(set(out.iterdir()) - before) == 2

@@ -48,7 +48,7 @@ def tensor_bytes(module: nn.Module) -> int:
 def size(model_dir) -> dict:
     """Bytes of what the modes move, counted from the modules themselves (not by offload.py)."""
     pipe = MochiPipeline.from_pretrained(model_dir, torch_dtype=torch.float32, device="cpu")
-    t5, dit = pipe.text_encoder.model, pipe.dit
+    t5, dit = pipe.text_encoder, pipe.dit
     t5_blocks, dit_blocks = [tensor_bytes(b) for b in t5.encoder.block], [tensor_bytes(b) for b in dit.blocks]
     out = dict(t5=tensor_bytes(t5), dit=tensor_bytes(dit), vae=tensor_bytes(pipe.decoder))
     out |= dict(t5_block=max(t5_blocks), t5_rest=out["t5"] - sum(t5_blocks), t5_blocks=len(t5_blocks))
@@ -209,7 +209,7 @@ def test_sequential_keeps_what_fits_and_streams_the_rest(model_dir, size, reside
 
 def test_device_copies_are_dropped_never_copied_back(model_dir, size):
     pipe, ledger = load(model_dir)
-    tensors = [*pipe.dit.parameters(), *pipe.text_encoder.model.parameters(), *pipe.decoder.parameters()]
+    tensors = [*pipe.dit.parameters(), *pipe.text_encoder.parameters(), *pipe.decoder.parameters()]
     before = [(t.data_ptr(), t._version) for t in tensors]
     for mode, budget in (("model", None), ("sequential", streaming_budget(size, 1))):
         pipe.set_memory_mode(mode, budget=budget)
@@ -482,7 +482,7 @@ def test_demo_model_frames_batched_by_default_stay_within_fp32_rounding_of_the_r
         d = json.loads((DEMO_MODEL_DIR / "mochi_defaults.json").read_text())
         size = dict(height=d["height"], width=d["width"], num_frames=d["num_frames"])
         out = pipe("a red square moving to the right", num_inference_steps=d["num_steps"],
-                   guidance_scale=d["cfg_scale"], seed=0, progress=False, **size)  # fmt: skip
+                   guidance_scale=d["cfg_scale"], seed=0, progress=False, output_type="np", **size)  # fmt: skip
     finally:
         torch.set_num_threads(threads)
     expected = np.load(Path(__file__).parent / "data" / "demo_frames_seed0.npz")["frames"]

@@ -1,17 +1,18 @@
-"""MochiPipeline end to end on tiny random models in both real layouts."""
+"""MochiPipeline end to end on tiny random models (diffusers' layout, numbers and scripts: test_diffusers_compat.py)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-from model_folders import diffusers_vae, save_diffusers_model, save_native_model
+from model_folders import save_native_model
 
 from mochi_preview import MochiPipeline
 from mochi_preview.pipeline import DeviceMemoryError, NonFiniteLatentsError
 from mochi_preview.sampling import DiTCall, TextCondition, get_noise, linear_quadratic_schedule
 
 SMALL = dict(height=32, width=48, num_frames=13, num_inference_steps=3, progress=False)
+NP = dict(SMALL, output_type="np")
 
 
 @pytest.fixture(scope="module")
@@ -20,17 +21,12 @@ def native_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def diffusers_dir(tmp_path_factory):
-    return save_diffusers_model(tmp_path_factory.mktemp("diffusers"))
-
-
-@pytest.fixture(scope="module")
 def pipe(native_dir):
     return MochiPipeline.from_pretrained(native_dir, torch_dtype=torch.float32, device="cpu")
 
 
 def test_native_folder_generates_frames(pipe):
-    out = pipe("a red ball moving to the right", seed=3, **SMALL)
+    out = pipe("a red ball moving to the right", seed=3, **NP)
     video = out.frames[0]
     assert isinstance(video, np.ndarray) and video.shape == (13, 32, 48, 3) and video.dtype == np.float32
     assert 0.0 <= video.min() and video.max() <= 1.0 and video.std() > 0
@@ -38,9 +34,9 @@ def test_native_folder_generates_frames(pipe):
 
 
 def test_same_seed_same_frames_other_seed_other_frames(pipe):
-    a = pipe("a cat", seed=7, **SMALL).frames[0]
-    b = pipe("a cat", seed=7, **SMALL).frames[0]
-    c = pipe("a cat", seed=8, **SMALL).frames[0]
+    a = pipe("a cat", seed=7, **NP).frames[0]
+    b = pipe("a cat", seed=7, **NP).frames[0]
+    c = pipe("a cat", seed=8, **NP).frames[0]
     assert np.array_equal(a, b) and not np.allclose(a, c)
 
 
@@ -65,23 +61,34 @@ def test_given_latents_are_used(pipe):
 @pytest.mark.parametrize("mode", ["model", "sequential"])
 def test_offload_modes_give_the_same_frames(native_dir, mode):
     resident = MochiPipeline.from_pretrained(native_dir, torch_dtype=torch.float32, device="cpu")
-    reference = resident("a blue square", seed=5, **SMALL).frames[0]
+    reference = resident("a blue square", seed=5, **NP).frames[0]
     offloaded = MochiPipeline.from_pretrained(native_dir, torch_dtype=torch.float32, device="cpu")
     getattr(offloaded, f"enable_{mode}_cpu_offload")()
-    np.testing.assert_allclose(offloaded("a blue square", seed=5, **SMALL).frames[0], reference, atol=1e-6)
+    np.testing.assert_allclose(offloaded("a blue square", seed=5, **NP).frames[0], reference, atol=1e-6)
 
 
 def test_vae_tiling_close_to_full(pipe):
-    full = pipe.disable_vae_tiling()("a dog", seed=2, **SMALL).frames[0]
-    tiled = pipe.enable_vae_tiling(tiles=(1, 2), overlap=2)("a dog", seed=2, **SMALL).frames[0]
+    full = pipe.disable_vae_tiling()("a dog", seed=2, **NP).frames[0]
+    tiled = pipe.enable_vae_tiling(tiles=(1, 2), overlap=2)("a dog", seed=2, **NP).frames[0]
     pipe.vae_options = {"mode": "auto"}
     assert np.abs(tiled - full).mean() < 0.02
 
 
-def test_callback_sees_every_step(pipe):
+def test_callback_sees_every_step_with_diffusers_timesteps_and_the_tensors_asked_for(pipe):
     seen = []
-    pipe("a cat", seed=1, callback_on_step_end=lambda p, i, s, kw: seen.append((i, s)), **SMALL)
-    assert [i for i, _ in seen] == [0, 1, 2] and seen[-1][1] == 0.0
+
+    def record(p, i, t, kw):
+        seen.append((i, float(t), sorted(kw), kw["prompt_embeds"].shape))
+
+    inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
+    pipe("a cat", seed=1, callback_on_step_end=record, callback_on_step_end_tensor_inputs=inputs, **SMALL)
+    sigmas = linear_quadratic_schedule(3)
+    # diffusers passes its scheduler's timestep of the step: 1000 * (1 - sigma_i), 0 at pure noise
+    assert [(i, t) for i, t, _, _ in seen] == [(i, pytest.approx((1 - sigmas[i]) * 1000)) for i in range(3)]
+    assert pipe.scheduler.timesteps.tolist() == [t for _, t, _, _ in seen]
+    assert seen[0][2] == sorted(inputs) and seen[0][3] == (1, 256, 64)
+    with pytest.raises(ValueError, match="callback_on_step_end_tensor_inputs may name"):
+        pipe("a cat", callback_on_step_end_tensor_inputs=["noise_pred"], **SMALL)
 
 
 def test_callback_can_replace_the_latents(pipe):
@@ -131,7 +138,7 @@ def test_prepare_sample_decode_compose_to_a_call(pipe):
     request = pipe.prepare("a cat", height=32, width=48, num_frames=13, num_inference_steps=3, seed=6)
     assert isinstance(request.cond, TextCondition) and request.seed == 6 and len(request.guidance) == 3
     frames = pipe.decode(pipe.sample(request, progress=False))
-    assert np.array_equal(frames, pipe("a cat", seed=6, **SMALL).frames)
+    assert np.array_equal(frames, pipe("a cat", seed=6, **NP).frames)
 
 
 def test_seed_is_reported_and_drawn_when_not_given(pipe):
@@ -146,7 +153,14 @@ def test_seed_is_reported_and_drawn_when_not_given(pipe):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(num_frames=30), r"num_frames=30 is not of the form 6k\+1 \(nearest valid: \[25, 31\]\)"),
+        (dict(num_frames=0), r"num_frames=0 is not of the form 6k\+1 \(nearest valid: \[1\]\)"),
+        (dict(num_frames=12.5), "num_frames must be a whole number; got 12.5"),
+        (dict(num_inference_steps=2.5), "num_inference_steps must be a whole number; got 2.5"),
+        (dict(num_videos_per_prompt=1.5), "num_videos_per_prompt must be a whole number of at least 1"),
+        (dict(max_sequence_length=0), "max_sequence_length must be a whole number of at least 1"),
+        (dict(noise="gpu"), "noise must be one of cpu, genmo"),
+        (dict(seed=-5), r"seed must be between 0 and 2\*\*64 - 1"),
+        (dict(seed=1, generator=torch.Generator()), "pass seed .* or generator, not both"),
         (dict(height=40), r"height=40 is not a multiple of 16 .*nearest valid: \[32, 48\]"),
         (dict(width=8), r"width=8 .*nearest valid: \[16\]"),
         (dict(num_inference_steps=0), "num_inference_steps must be between 1 and 1000"),
@@ -177,36 +191,6 @@ def test_out_of_memory_suggests_memory_modes(native_dir, monkeypatch):
     monkeypatch.setattr(pipe.dit, "forward", oom)
     with pytest.raises(DeviceMemoryError, match=r"dit stage.*enable_model_cpu_offload.*enable_sequential_cpu"):
         pipe("a cat", **SMALL)
-
-
-def test_diffusers_folder_loads_and_matches_diffusers_pipeline_latents(diffusers_dir):
-    """Same folder, same seed: our latents equal diffusers' MochiPipeline's (a non-empty negative prompt, because
-    diffusers keeps one EOS token for "" while we follow native and mask it entirely)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, MochiTransformer3DModel
-    from diffusers import MochiPipeline as TheirPipeline
-    from transformers import T5EncoderModel, T5Tokenizer
-
-    ours = MochiPipeline.from_pretrained(diffusers_dir, torch_dtype=torch.float32, device="cpu")
-    theirs = TheirPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(invert_sigmas=True),
-        vae=diffusers_vae(),
-        text_encoder=T5EncoderModel.from_pretrained(diffusers_dir / "text_encoder"),
-        tokenizer=T5Tokenizer.from_pretrained(diffusers_dir / "tokenizer", legacy=False),
-        transformer=MochiTransformer3DModel.from_pretrained(diffusers_dir / "transformer"),
-    )
-    theirs.set_progress_bar_config(disable=True)
-    kw = dict(height=32, width=48, num_frames=13, num_inference_steps=4, guidance_scale=4.5)
-    a = ours("a red ball", negative_prompt="blurry", seed=11, output_type="latent", progress=False, **kw).frames
-    b = theirs(
-        "a red ball",
-        negative_prompt="blurry",
-        generator=torch.Generator("cpu").manual_seed(11),
-        output_type="latent",
-        **kw,
-    ).frames
-    err = float((a - b).abs().max() / b.abs().max())
-    print("pipeline parity rel err", err)
-    assert err < 1e-4
 
 
 def test_sequential_offload_streams_one_block_at_a_time(native_dir):
@@ -304,5 +288,130 @@ def test_model_folder_latent_stats_replace_the_published_ones(native_dir, tmp_pa
     torch.testing.assert_close(seen[-1], latent * 2.0 + 0.5)  # the decoder got the folder's denormalization
 
     (own / "latent_stats.json").write_text(json.dumps({"mean": list(LATENTS_MEAN[:3]), "std": [1.0] * 3}))
-    with pytest.raises(ValueError, match="12 means"):
+    with pytest.raises(ValueError, match=r"12 (means|numbers)"):
         load_latent_stats(own)
+
+
+# ---- diffusers' API: defaults, noise, outputs, components -----------------------------------------------------
+
+EMBEDDINGS = ("prompt_embeds", "prompt_attention_mask", "negative_prompt_embeds", "negative_prompt_attention_mask")
+
+
+def test_arguments_left_none_take_the_folders_defaults_else_diffusers(native_dir, tmp_path):
+    import json
+    import shutil
+
+    from mochi_preview.settings import DEFAULTS_FILE
+    from mochi_preview.tiny import DEMO_MODEL_DIR
+
+    own = shutil.copytree(native_dir, tmp_path / "own")
+    (own / DEFAULTS_FILE).write_text(json.dumps({"width": 64, "height": 64, "num_frames": 13, "num_steps": 8}))
+    pipe = MochiPipeline.from_pretrained(own, torch_dtype=torch.float32, device="cpu")
+    assert (pipe.defaults.width, pipe.defaults.num_frames, pipe.defaults.num_inference_steps) == (64, 13, 8)
+    out = pipe("a cat", negative_prompt=None, height=None, num_inference_steps=2, output_type="latent", progress=False)
+    assert out.frames.shape == (1, 12, 3, 8, 8) and isinstance(out.seed, int)  # 64x64 x 13 frames, a random seed
+
+    d = MochiPipeline.from_pretrained(native_dir, torch_dtype=torch.float32, device="cpu").defaults  # no such file
+    assert (d.height, d.width, d.num_frames, d.num_inference_steps, d.guidance_scale, d.seed) == (
+        480, 848, 19, 64, 4.5, None,
+    )  # fmt: skip
+
+    demo = MochiPipeline.from_pretrained(DEMO_MODEL_DIR, torch_dtype=torch.float32, device="cpu")
+    assert demo.is_demo and not pipe.is_demo
+    video = demo("a red square moving right", num_inference_steps=2, output_type="np", progress=False).frames[0]
+    assert video.shape == (25, 64, 64, 3)  # the demo's own 64x64 x 25 frames
+
+
+def test_genmo_noise_is_the_global_generator_after_manual_seed(pipe):
+    still = dict(output_type="latent", dit_hook=lambda call: torch.zeros_like(call.latents), **SMALL)
+    out = pipe("a cat", seed=5, noise="genmo", **still)  # zero velocity: the result is the initial noise
+    torch.manual_seed(5)
+    assert torch.equal(out.frames, torch.randn(1, 12, 3, 4, 6)) and out.noise_device == "cpu"
+    drawn = pipe("a cat", noise="genmo", **still)
+    assert isinstance(drawn.seed, int) and torch.equal(pipe("a cat", seed=drawn.seed, noise="genmo", **still).frames,
+                                                       drawn.frames)  # fmt: skip
+    with pytest.raises(ValueError, match="not both"):
+        pipe("a cat", noise="genmo", generator=torch.Generator(), **SMALL)
+
+
+def test_autocast_around_the_call_changes_nothing(pipe):
+    a = pipe("a cat", seed=3, output_type="latent", **SMALL).frames
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        b = pipe("a cat", seed=3, output_type="latent", **SMALL).frames
+    assert torch.equal(a, b)
+
+
+def test_output_indexes_like_diffusers_and_return_dict_false_is_a_tuple(pipe):
+    out = pipe("a cat", seed=1, output_type="latent", **SMALL)
+    assert out[0] is out.frames and out["frames"] is out.frames and out.to_tuple() == (out.frames,)
+    (frames,) = pipe("a cat", seed=1, output_type="latent", return_dict=False, **SMALL)
+    assert torch.equal(frames, out.frames)
+    default = pipe("a cat", seed=1, **SMALL).frames  # diffusers' default output: PIL images
+    assert len(default) == 1 and len(default[0]) == 13 and default[0][0].size == (48, 32)
+
+
+def test_batches_of_prompts_times_videos_per_prompt_and_a_generator_per_video(pipe):
+    kw = dict(output_type="latent", **SMALL)
+    gens = [torch.Generator().manual_seed(s) for s in (1, 2, 3, 4)]
+    both = pipe(["a cat", "a dog"], num_videos_per_prompt=2, generator=gens, **kw).frames
+    assert both.shape == (4, 12, 3, 4, 6)
+    alone = pipe("a dog", generator=torch.Generator().manual_seed(4), **kw).frames[0]
+    torch.testing.assert_close(both[3], alone, rtol=1e-4, atol=1e-4)  # video 2 of prompt 2: its noise and prompt
+    with pytest.raises(ValueError, match="3 generators for 4 videos"):
+        pipe(["a cat", "a dog"], num_videos_per_prompt=2, generator=gens[:3], **kw)
+
+
+def test_vae_decodes_vae_latents_like_the_pipeline(pipe):
+    z = pipe(["a cat", "a dog"], seed=1, output_type="latent", **SMALL).frames
+    cfg = pipe.vae.config
+    mean, std = (torch.tensor(v).view(1, 12, 1, 1, 1) for v in (cfg.latents_mean, cfg.latents_std))
+    video = pipe.vae.decode(z * std / cfg.scaling_factor + mean, return_dict=False)[0]
+    assert video.shape == (2, 3, 13, 32, 48) and -1.0 <= video.min() and video.max() <= 1.0
+    expected = pipe.decode(z)
+    np.testing.assert_allclose(pipe.video_processor.postprocess_video(video), expected, atol=1e-6)
+    pipe.vae.enable_slicing()
+    try:
+        np.testing.assert_allclose(pipe.decode(z), expected, atol=1e-5)  # one video at a time: the same videos
+    finally:
+        pipe.vae.disable_slicing()
+    pipe.vae.enable_tiling()
+    assert pipe.vae_options == {"mode": "tiled"}
+    with pytest.raises(TypeError, match=r"unknown VAE tiling options \['tile_sample_min_height'\]; valid: tiles"):
+        pipe.vae.enable_tiling(tile_sample_min_height=256)
+    pipe.vae.disable_tiling()
+    pipe.vae_options = {"mode": "auto"}
+
+
+def test_generates_from_embeddings_after_the_text_encoder_is_freed(native_dir):
+    p = MochiPipeline.from_pretrained(native_dir, torch_dtype=torch.float32, device="cpu")
+    embeds = dict(zip(EMBEDDINGS, p.encode_prompt("a cat")))
+    assert embeds["prompt_attention_mask"].dtype == torch.bool and embeds["prompt_embeds"].shape == (1, 256, 64)
+    a = p("a cat", seed=2, output_type="latent", **SMALL).frames
+    p.free_text_encoder()
+    assert p.text_encoder is None
+    assert torch.equal(p(**embeds, seed=2, output_type="latent", **SMALL).frames, a)
+    with pytest.raises(RuntimeError, match="free_text_encoder"):
+        p("a cat", seed=2, **SMALL)
+
+
+def test_pipeline_object_to_dtype_components_and_progress_bar(native_dir, capsys):
+    p = MochiPipeline.from_pretrained(native_dir, torch_dtype=torch.float32, device="cpu")
+    assert set(p.components) == {"transformer", "vae", "text_encoder", "tokenizer", "scheduler"}
+    assert p.components["transformer"] is p.dit and callable(p.text_encoder) and p.dtype == torch.float32
+    assert p.to("cpu", torch.bfloat16) is p and p.dtype == torch.bfloat16 and p.device == torch.device("cpu")
+    assert p.dit.pos_frequencies.dtype == torch.float32 and p.text_encoder.dtype == torch.float32
+    p.set_progress_bar_config(disable=True)
+    p("a cat", seed=1, output_type="latent", **{**SMALL, "progress": True})
+    assert "sampling" not in capsys.readouterr().err
+
+
+def test_timesteps_max_sequence_length_and_attention_kwargs(pipe):
+    kw = dict(output_type="latent", **{**SMALL, "num_inference_steps": None})
+    by_sigmas = pipe("a cat", seed=1, sigmas=[1.0, 0.5, 0.0], **kw).frames
+    assert torch.equal(pipe("a cat", seed=1, timesteps=[0, 500], **kw).frames, by_sigmas)  # t = 1000 (1 - sigma)
+    embeds, mask, _, _ = pipe.encode_prompt("a cat", do_classifier_free_guidance=False, max_sequence_length=16)
+    assert embeds.shape == (1, 16, 64) and mask.shape == (1, 16)
+    short = pipe("a cat", seed=1, max_sequence_length=16, sigmas=[1.0, 0.5, 0.0], **kw).frames
+    torch.testing.assert_close(short, by_sigmas, rtol=1e-4, atol=1e-4)  # a short prompt fits in 16 tokens
+    with pytest.warns(UserWarning, match="attention_kwargs has no effect"):
+        pipe("a cat", seed=1, attention_kwargs={"scale": 0.5}, sigmas=[1.0, 0.0], **kw)

@@ -1,6 +1,6 @@
 """Nothing is lost when something goes wrong: generators on any device (refused early when on the wrong one), a VAE
 decode that runs out of memory (a retry with a smaller plan, then the latents written to a file that --decode_latents
-turns into the same video), and a web UI job that runs out of memory (freed; the next job runs).
+turns into the same video), and memory released after a failed job (the web UI's test of it is in test_gradio_ui).
 
 There is no GPU here: CUDA generators are stand-ins that report a CUDA device, and running out of memory is a
 `torch.OutOfMemoryError` raised by a patched decode.
@@ -108,7 +108,7 @@ def test_a_cuda_generator_draws_on_its_device(monkeypatch):
 
 def test_a_generator_on_another_device_is_refused_before_any_work(pipe, monkeypatch):
     ran = []
-    monkeypatch.setattr(pipe.text_encoder, "encode", lambda *a, **k: ran.append("t5"))
+    monkeypatch.setattr(pipe.t5, "encode", lambda *a, **k: ran.append("t5"))
     monkeypatch.setattr(pipe.dit, "forward", lambda *a, **k: ran.append("dit"))
     with pytest.raises(ValueError, match=r"the generator is on cuda:0 but the pipeline runs on cpu: pass a generator"):
         pipe("a cat", generator=CudaGenerator(0), **SMALL)
@@ -200,6 +200,13 @@ def test_cli_writes_the_latents_and_decode_latents_makes_the_same_video(native_d
     same = ("prompt", "seed", "sigmas", "cfg_schedule", "dtype", "model_dir", "model_files", "noise_device", "vae")
     assert {k: b[k] for k in same} == {k: a[k] for k in same}
     assert b["decoded_from"] == str(latents_file) and set(b["seconds"]) == {"vae"}
+    from mochi_preview import decode
+
+    again = tmp_path / "again.mp4"  # python -m mochi_preview.decode: the same, with the file first
+    assert decode.main([str(latents_file), "--vae_tiling", "on", "--output", str(again), "--quiet"]) == 0
+    assert json.loads(again.with_suffix(".json").read_text())["vae"]["mode"] == "tiled"
+    assert np.abs(read_video(again)[0].astype(int) - read_video(whole)[0].astype(int)).max() <= 2  # tiles blend
+    assert decode.main(["--output", str(again)]) == 2 and "the latents file comes first" in capsys.readouterr().err
 
 
 def test_save_latents_writes_the_file_and_the_video(native_dir, tmp_path, pipe):
@@ -209,11 +216,11 @@ def test_save_latents_writes_the_file_and_the_video(native_dir, tmp_path, pipe):
     assert main([*args, "--output", str(out), *CLI_SMALL]) == 0
     assert out.is_file()
     latents, meta = load_latents(path)
-    expected = pipe("a cat", seed=3, output_type="latent", **SMALL).frames
+    expected = pipe("a cat", seed=3, guidance_scale=6.0, output_type="latent", **SMALL).frames  # the CLI's CFG
     torch.testing.assert_close(latents, expected)
     assert meta["record"]["seed"] == 3 and meta["record"]["noise_device"] == "cpu"
-    with pytest.raises(SystemExit, match="exists; not overwriting"):
-        main([*args, "--output", str(tmp_path / "again.mp4"), *CLI_SMALL])
+    assert main([*args, "--output", str(tmp_path / "again.mp4"), *CLI_SMALL]) == 2  # the latents file exists
+    assert not (tmp_path / "again.mp4").exists()
 
 
 def test_bad_latents_files_are_clear_errors(tmp_path, capsys):
@@ -229,7 +236,7 @@ def test_bad_latents_files_are_clear_errors(tmp_path, capsys):
         save_latents(tmp_path / "y.safetensors", torch.zeros(1, 12, 1, 2, 2), {"settings": {}})
 
 
-# ---- the web UI: a job out of memory frees it, the queue goes on ------------------------------------------------
+# ---- after a job out of memory --------------------------------------------------------------------------------
 
 
 def test_release_memory_empties_the_cuda_cache(monkeypatch):
@@ -241,26 +248,8 @@ def test_release_memory_empties_the_cuda_cache(monkeypatch):
     assert emptied == [1]
 
 
-def test_web_ui_job_out_of_memory_frees_it_and_the_next_job_runs(native_dir, tmp_path, monkeypatch):
-    gr = pytest.importorskip("gradio")
-    from mochi_preview import gradio_ui, infer
-
-    args = gradio_ui.build_parser().parse_args(["--model_dir", str(native_dir), "--dtype", "fp32", "--quiet"])
-    pipe, _ = infer.load_pipeline(args)
-    pipe.disable_vae_tiling()
-    handler = gradio_ui.make_handler(pipe, tmp_path, infer.RunOptions(progress=False))
-    form = {**infer.Settings().to_file(), "width": 48, "height": 32, "num_frames": 13, "num_steps": 3, "seed": 1}
-    values = [form.get(k, False) for k in gradio_ui.FORM]
-    released = []
-    monkeypatch.setattr(gradio_ui, "release_memory", lambda device: released.append(device))
-
-    calls = oom_decode(monkeypatch, failures=2)
-    with pytest.warns(RuntimeWarning), pytest.raises(gr.Error, match=r"kept in .*\.latents\.safetensors; decode them"):
-        handler(*values)
-    assert len(calls) == 2 and released == [pipe.device]
-    [latents_file] = tmp_path.glob("*.latents.safetensors")
-    assert load_latents(latents_file)[1]["settings"]["seed"] == 1
-
-    monkeypatch.undo()  # the memory is back
-    video, record, seed = handler(*values)  # the next job in the queue runs
-    assert seed == 1 and video.endswith(".mp4") and record["vae"] == {"mode": "full"}
+def test_latents_decoded_later_are_the_video(pipe):
+    """output_type="latent" now, pipe.decode_latents later: the frames a whole run makes."""
+    latents = pipe("a cat", seed=5, output_type="latent", **SMALL).frames
+    whole = pipe("a cat", seed=5, output_type="np", **SMALL).frames
+    np.testing.assert_array_equal(pipe.decode_latents(latents), whole)

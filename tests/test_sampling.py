@@ -7,7 +7,17 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from mochi_preview.sampling import DiTCall, TextCondition, check_sigmas, denoise, get_noise, linear_quadratic_schedule
+from mochi_preview.sampling import (
+    PRESETS,
+    DiTCall,
+    TextCondition,
+    check_sigmas,
+    denoise,
+    get_noise,
+    linear_quadratic_schedule,
+    pcm_linear_quadratic_schedule,
+    schedule_sigmas,
+)
 
 # The 65 published sigmas of the default 64-step schedule (spec 5.1), to the 6 decimals given there.
 PUBLISHED_64 = [
@@ -30,6 +40,39 @@ def test_default_schedule_equals_published_list():
 
 def test_fast_schedule_equals_published_list():
     assert linear_quadratic_schedule(8, 0.1, 6) == pytest.approx(FAST_8, abs=6e-7)
+
+
+# FastMochi's pcm_linear_quadratic schedule (spec 13.6), 8 steps from 50 and from 100 phases, to the 5 decimals given.
+PCM_50 = [1.0, 0.984, 0.968, 0.952, 0.93333, 0.91733, 0.90133, 0.71755, 0.0]
+PCM_100 = [1.0, 0.984, 0.96667, 0.95067, 0.93333, 0.91733, 0.9, 0.68432, 0.0]
+
+
+@pytest.mark.parametrize("phases, published", [(50, PCM_50), (100, PCM_100)])
+def test_pcm_schedule_equals_published_lists(phases, published):
+    sigmas = pcm_linear_quadratic_schedule(8, phases)
+    assert sigmas == pytest.approx(published, abs=6e-6)
+    assert check_sigmas(sigmas) == sigmas
+
+
+def test_fast_preset_is_fastmochis_recipe():
+    assert PRESETS["fast"] == {"num_steps": 8, "cfg_scale": 1.5, "schedule": "pcm_linear_quadratic"}
+    preset = PRESETS["fast"]
+    assert schedule_sigmas(preset["schedule"], preset["num_steps"]) == pytest.approx(PCM_50, abs=6e-6)
+    # The model card's native recipe is the plain schedule with its own threshold and linear steps.
+    assert schedule_sigmas("linear_quadratic", 8, 0.1, 6) == pytest.approx(FAST_8, abs=6e-7)
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: schedule_sigmas("cosine", 8), "schedule must be one of"),
+        (lambda: pcm_linear_quadratic_schedule(60, 50), r"num_steps must be in \[1, 50\]"),
+        (lambda: pcm_linear_quadratic_schedule(8, 30), "phases must divide points"),
+    ],
+)
+def test_schedule_choices_are_checked(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
 
 
 def test_schedule_matches_diffusers_copy():
@@ -118,6 +161,7 @@ def test_dit_hook_sees_every_model_call(batch_cfg):
 
     def hook(call: DiTCall) -> torch.Tensor:
         calls.append((call.step, call.sigma, call.branch, len(call.latents), tuple(call.text.mask.shape)))
+        assert call.num_steps == 2
         return call()
 
     sigmas, z = [1.0, 0.6, 0.0], torch.zeros(1, 1, 1, 1)

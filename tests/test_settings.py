@@ -138,3 +138,61 @@ def test_cli_flags_come_from_the_table():
     s = table.from_arguments(args, Settings(width=64))
     assert (s.guidance_scale, s.num_inference_steps, s.threshold_noise, s.width) == (4.5, 24, 0.1, 64)
     assert table.from_arguments(parser.parse_args(["--linear_steps", "5"]), Settings()).linear_steps == 5
+
+
+def test_noise_is_a_setting_and_old_digests_stay():
+    """--noise cpu|genmo: a row like any other (flag, file key, sidecar); at its default it leaves a sweep line's
+    digest as before the row existed, so resumed sweeps skip their finished lines."""
+    assert Settings().noise == "cpu" and Settings().pipeline_kwargs()["noise"] == "cpu"
+    assert Settings().updated({"noise": "genmo"}).to_file()["noise"] == "genmo"
+    assert Settings(width=64, guidance_scale=4.5).digest() == "10640fbda0"  # as in test_file_names_round_trip
+    assert Settings(width=64, guidance_scale=4.5, noise="genmo").digest() != "10640fbda0"
+    with pytest.raises(ValueError, match="^--noise must be one of cpu, genmo; got 'gpu'$"):
+        Settings(noise="gpu").check("cli")
+    parser = argparse.ArgumentParser()
+    table.add_arguments(parser)
+    assert parser.parse_args(["--noise", "genmo"]).noise == "genmo"
+
+
+def test_pixel_input_rows_check_their_ranges_and_conflicts_and_keep_old_digests():
+    """--image / --init_video / --extend with --strength, --image_mode, --image_release, --noise_multiplier: rows
+    like the others, checked before loading; at their defaults a sweep line's digest is as before them."""
+    assert Settings(width=64, guidance_scale=4.5).digest() == "10640fbda0"
+    assert Settings(width=64, guidance_scale=4.5, image="a.png").digest() != "10640fbda0"
+    parser = argparse.ArgumentParser()
+    table.add_arguments(parser)
+    args = parser.parse_args(["--init_video", "in.mp4", "--strength", "0.4", "--image_mode", "guide"])
+    s = table.from_arguments(args, Settings())
+    assert (s.video, s.strength, s.image_mode) == ("in.mp4", 0.4, "guide")
+    assert s.pipeline_kwargs()["video"] == "in.mp4" and s.to_file()["init_video"] == "in.mp4"
+    Settings(strength=1.0, image_release=0.0).check()
+    for bad, match in [
+        (dict(strength=0.0), r"^--strength must be in \(0, 1\]; got 0.0$"),
+        (dict(strength=1.2), r"^--strength must be in \(0, 1\]"),
+        (dict(image_release=1.0), r"^--image_release must be in \[0, 1\); got 1.0$"),
+        (dict(noise_multiplier=-0.1), r"^--noise_multiplier must be between 0 and 1"),
+        (dict(image="a.png", video="b.mp4"), r"^--image and --init_video were both given"),
+        (dict(image_mode="soft"), r"^--image_mode must be one of replace, guide"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            Settings(**bad).check("cli")
+    assert Settings().updated({"image": ""}, "ui").image is None  # an empty file field: no image
+
+
+def test_cli_help_shows_the_models_defaults():
+    parser = argparse.ArgumentParser()
+    table.add_arguments(parser, Settings(width=64, prompt="a red ball", guidance_scale=4.5))
+    helps = {a.dest: a.help for a in parser._actions}
+    assert helps["width"].endswith("(default: 64)") and helps["cfg_scale"].endswith("(default: 4.5)")
+    assert helps["prompt"].endswith("(default: 'a red ball')")
+    assert helps["num_frames"].endswith("(default: 163)")  # not the model's: the table's
+    assert table.BY_API["prompt"].cli_help().endswith("(default: the model card's lemon prompt)")
+
+
+@pytest.mark.parametrize("flag, text", [("--width", "16.5"), ("--num_steps", "2.5"), ("--seed", "1e3")])
+def test_cli_integers_refuse_fractions(flag, text, capsys):
+    parser = argparse.ArgumentParser()
+    table.add_arguments(parser)
+    with pytest.raises(SystemExit) as stop:
+        parser.parse_args([flag, text])
+    assert stop.value.code == 2 and f"argument {flag}: must be a whole number; got '{text}'" in capsys.readouterr().err

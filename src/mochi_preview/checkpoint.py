@@ -2,8 +2,10 @@
 
 A `CheckpointReader` gives a checkpoint's tensors by name: keys, shapes and dtypes from the header alone, and each
 tensor read on its own, memory-mapped and cast while reading, so loading a 40 GB fp32 DiT as bf16 never holds more
-than one fp32 tensor at once. `SafetensorsReader` reads files (pickles are refused: they can run code); `Fp8Reader`
-wraps any reader and shows fp8 checkpoints as ordinary ones.
+than one fp32 tensor at once. Every tensor is checked for NaN / Inf as it is copied (an error names the file and the
+tensor). `SafetensorsReader` reads files (pickles are refused: they can run code); `PickleReader` reads the one
+pickle accepted, T5's `pytorch_model.bin`, with `torch.load(weights_only=True)` (no code runs); `Fp8Reader` wraps any
+reader and shows fp8 checkpoints as ordinary ones.
 
 A *layout* maps the model's own (native) tensor names to a `Source`: the reader keys a tensor is built from and the
 transform that builds it (a concatenation, a half swap). A name the layout does not list is read under its own name,
@@ -33,7 +35,9 @@ float8_e5m2 weights are read too (ComfyUI's marker dtype allows them); other 8-b
 from __future__ import annotations
 
 import json
+import math
 import mmap
+import pickle
 import struct
 import warnings
 from abc import ABC, abstractmethod
@@ -105,6 +109,31 @@ def _describe_non_safetensors(path: Path) -> str | None:
     return None
 
 
+CHUNK = 1 << 20  # elements copied, then checked while still in the CPU's cache
+
+
+def copy_checked(source: torch.Tensor, out: torch.Tensor, path: Path | str, name: str) -> torch.Tensor:
+    """Copy flat `source` into flat `out` (casting), checking for NaN / Inf on the way; an error names file and
+    tensor. Chunk by chunk, each chunk summed while in cache (a NaN or Inf makes the sum so; only an overflowing sum
+    of finite values, e.g. in fp16, needs the exact count that confirms it): a few percent of the copy."""
+    suspect = False
+    for i in range(0, source.numel(), CHUNK):
+        part = source[i : i + CHUNK]
+        out[i : i + CHUNK].copy_(part)
+        if part.is_floating_point():
+            suspect |= not math.isfinite((part if part.itemsize > 1 else part.float()).sum())
+    if suspect:
+        values = source.float()
+        nan, inf = int(values.isnan().sum()), int(values.isinf().sum())
+        if nan or inf:
+            raise CheckpointError(
+                f"{path}: tensor {name!r} holds {nan:,} NaN and {inf:,} Inf values (of {values.numel():,}): the file "
+                "is corrupt or was saved from a diverged model. Download it again (`python -m mochi_preview.verify "
+                "FOLDER` checks a downloaded folder against its manifest)."
+            )
+    return out
+
+
 class _MappedFile:
     """One safetensors file, memory-mapped; pages are released after each read so RSS stays flat."""
 
@@ -142,7 +171,8 @@ class _MappedFile:
         with warnings.catch_warnings():  # the mapping is read-only; we only read from the view
             warnings.simplefilter("ignore", UserWarning)
             view = torch.frombuffer(self._map, dtype=stored, count=(end - begin) // stored.itemsize, offset=begin)
-        tensor = view.reshape(entry["shape"]).to(dtype or stored, copy=True)
+        tensor = torch.empty(entry["shape"], dtype=dtype or stored)
+        copy_checked(view, tensor.view(-1), self.path, name)
         del view
         page = mmap.PAGESIZE
         start = begin - begin % page
@@ -190,6 +220,86 @@ class SafetensorsReader(CheckpointReader):
     def select(self, prefix: str) -> SafetensorsReader:
         """The tensors whose names start with `prefix`, named without it (ComfyUI's prefix, one half of a VAE)."""
         return SafetensorsReader({k[len(prefix) :]: w for k, w in self._where.items() if k.startswith(prefix)})
+
+
+class PickleReader(CheckpointReader):
+    """PyTorch pickles (`pytorch_model.bin`, one file or shards) read with `torch.load(weights_only=True)`: only
+    tensors and plain containers are rebuilt, so no code in the file runs; a file that needs more is refused."""
+
+    def __init__(self, paths: Iterable[str | Path]):
+        self._where: dict[str, tuple[Path, torch.Tensor]] = {}
+        for path in map(Path, paths):
+            if not path.is_file():
+                raise CheckpointError(f"checkpoint file not found: {path}")
+            self._where |= {k: (path, t) for k, t in _load_weights_only(path).items()}
+
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._where
+
+    def shape(self, key: str) -> torch.Size:
+        return self._where[key][1].shape
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._where[key][1].dtype
+
+    def read(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        path, tensor = self._where[key]
+        out = torch.empty(tensor.shape, dtype=dtype or tensor.dtype)
+        copy_checked(tensor.reshape(-1), out.view(-1), path, key)
+        return out
+
+
+class SubsetReader(CheckpointReader):
+    """The tensors of another reader whose names `keep` accepts (e.g. the encoder half of a full T5 checkpoint)."""
+
+    def __init__(self, reader: CheckpointReader, keep: Callable[[str], bool]):
+        self.inner, self.keep = reader, keep
+
+    def keys(self) -> list[str]:
+        return [k for k in self.inner.keys() if self.keep(k)]
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.inner and self.keep(key)
+
+    def shape(self, key: str) -> torch.Size:
+        return self.inner.shape(key)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self.inner.dtype(key)
+
+    def read(self, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return self.inner.read(key, dtype)
+
+
+def _load_weights_only(path: Path) -> dict[str, torch.Tensor]:
+    """A pickle's name -> tensor mapping, memory-mapped when the file's format allows it."""
+    try:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:  # the legacy (pre-zip) format cannot be mapped: read it whole
+            if "mmap" not in str(e):
+                raise
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = next((line.strip() for line in str(e).splitlines() if "Unsupported" in line), str(e))
+        reason = reason.split(" Please use")[0]  # not torch's advice to allow-list the callable
+        if "Unsupported global" not in reason:
+            raise CheckpointError(f"{path} is not a PyTorch checkpoint ({reason}); download it again") from e
+        raise CheckpointError(
+            f"{path} holds more than tensors ({reason}); loading it needs full unpickling, which can run arbitrary "
+            "code, so it is refused. Use a safetensors copy of the weights, or a file of plain tensors."
+        ) from e
+    except (RuntimeError, EOFError, OSError) as e:
+        raise CheckpointError(
+            f"{path} is not a readable PyTorch file ({e}). It may be truncated (an interrupted download: "
+            f"{path.stat().st_size:,} bytes on disk) or corrupt; download it again."
+        ) from e
+    if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
+        raise CheckpointError(f"{path} is not a flat name -> tensor mapping (a state dict); cannot read it")
+    return state
 
 
 def open_checkpoint(path: str | Path, prefixes: Iterable[str] = ()) -> SafetensorsReader:
@@ -383,8 +493,9 @@ def load_module(
 
     The checks cover the whole module and the whole reader, skipped names included: missing, unexpected and
     mis-shaped tensors are reported by name. Then each tensor is read in `dtype` (fp32 for `fp32_names`), built by
-    its source and moved to `device` before the next is read. Names for which `skip(name)` is true are never read:
-    they become empty meta tensors of the dtype and shape they would have (e.g. blocks another rank holds).
+    its source and moved to `device` before the next is read; names with the same source (tied weights) share one
+    tensor. Names for which `skip(name)` is true are never read: they become empty meta tensors of the dtype and
+    shape they would have (e.g. blocks another rank holds).
     """
     expected = module.state_dict(keep_vars=True)
     sources = {name: layout.get(name, Source((name,))) for name in expected}
@@ -408,12 +519,14 @@ def load_module(
             )
 
     fp32_names = set(fp32_names)
-    state = {}
+    state, built = {}, {}  # built: one tensor for names with the same source (tied weights share it)
     for name, source in sources.items():
         target = torch.float32 if name in fp32_names else dtype
         if skip is not None and skip(name):
             state[name] = source.meta(reader, target)
         else:
-            state[name] = source.read(reader, target).to(device)
+            if (source, target) not in built:
+                built[source, target] = source.read(reader, target).to(device)
+            state[name] = built[source, target]
     module.load_state_dict(state, strict=True, assign=True)
     return module

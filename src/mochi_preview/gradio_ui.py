@@ -2,20 +2,28 @@
 
 The form holds the CLI's settings and generates through the CLI's own code (`infer.generate`), so every video lands in
 `--out_dir` as `output_<timestamp>.mp4` with its JSON sidecar, exactly as `python -m mochi_preview.infer` writes it.
-The pipeline is loaded once at startup; one generation runs at a time and at most `--max_queue` more wait.
+The pipeline is loaded once at startup. Every request is checked and estimated (seconds on this device, memory) before
+it is queued: one beyond the machine or the server's limits is refused at once, with the estimate. One thread runs the
+jobs on the device, one at a time; at most `--max_queue` more wait. A job stops between steps when it is cancelled, its
+client goes away, or it runs past `--max_job_seconds`. Genmo's endpoint `/generate_video` takes Genmo's inputs.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import inspect
 import json
 import os
 import secrets
 import sys
+import threading
+import time
 import traceback
-from contextlib import nullcontext
-from dataclasses import replace
+from collections import deque
+from collections.abc import Iterator
+from contextlib import closing, nullcontext
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before importing gradio: no calls home
@@ -26,16 +34,346 @@ import torch  # noqa: E402
 
 from . import infer  # noqa: E402
 from . import settings as table  # noqa: E402
+from .demo.vocabulary import DEMO_PROMPT, prompt_warning  # noqa: E402
+from .estimate import Estimate, Rates, describe, estimate, gib  # noqa: E402
 from .pipeline import DeviceMemoryError, MochiPipeline, NonFiniteLatentsError, release_memory  # noqa: E402
 from .settings import SETTINGS, Settings  # noqa: E402
-from .tiny import DEMO_MODEL_DIR  # noqa: E402
 
 # What the user can get wrong (settings, memory, NaNs, files): shown as a message in the page, never as a traceback.
 USER_ERRORS = (ValueError, OSError, NonFiniteLatentsError, DeviceMemoryError)
 RANDOM_SEED = "random_seed"  # the form's one field that is not a setting: draw a new seed each time
 # The form's fields (the settings' file names, as in sweep files and sidecars), in the order the handler takes them.
 FORM = tuple(k for s in SETTINGS for k in ((s.file, RANDOM_SEED) if s.api == "seed" else (s.file,)))
-SECTIONS = {"size": "row", "seed": "row", "sampling": "row", "advanced": "Advanced"}  # ui_group -> how it is laid out
+# Genmo's demos/gradio_ui.py endpoint inputs, in its order (spec §8.2): a gradio_client script for it runs here.
+GENMO = ("prompt", "negative_prompt", "width", "height", "num_frames", "seed", "cfg_scale", "num_steps")
+SECTIONS = {
+    "size": "row",
+    "seed": "row",
+    "sampling": "row",
+    "input": "Image / video input",
+    "advanced": "Advanced",
+}  # ui_group -> how it is laid out
+POLL_SECONDS = 0.5  # how often a request's page hears about its job
+CLIENT_TIMEOUT = 10.0  # a job whose request stopped listening this long is stopped (its client went away)
+WARN_SECONDS = 180  # estimates above this come with a warning
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What the server accepts: the longest job by estimate (and by the clock), the most frames, the most pixels."""
+
+    max_job_seconds: float = 1800
+    max_frames: int = 163
+    max_pixels: int = 848 * 480
+
+    def problems(self, s: Settings, est: Estimate) -> list[str]:
+        out = []
+        if s.num_frames > self.max_frames:
+            out.append(f"Frames={s.num_frames} is above this server's --max_frames={self.max_frames}")
+        if s.width * s.height > self.max_pixels:
+            out.append(
+                f"Width x Height = {s.width}x{s.height} = {s.width * s.height:,} pixels is above this server's "
+                f"--max_pixels={self.max_pixels:,}"
+            )
+        if est.seconds > self.max_job_seconds:
+            out.append(f"it would take about {describe(est.seconds)}, above this server's --max_job_seconds="
+                       f"{self.max_job_seconds:g}")  # fmt: skip
+        return out + est.problems
+
+
+class JobStopped(Exception):
+    """A job stopped between steps: cancelled, its client gone, or past its time limit. Nothing is written."""
+
+
+class QueueFull(Exception):
+    """More jobs wait than --max_queue allows."""
+
+
+@dataclass(eq=False)
+class Job:
+    """One request on its way through the queue and the device; its fields are what the page shows."""
+
+    settings: Settings
+    estimate: Estimate
+    session: str | None = None
+    time_limit: float | None = None
+    notices: list[str] = field(default_factory=list)
+    cancel: threading.Event = field(default_factory=threading.Event)
+    done: threading.Event = field(default_factory=threading.Event)
+    stage: str = "queued"  # queued, text, dit, vae, done
+    steps_done: int = 0
+    started: float | None = None  # when the device took it up
+    stage_started: float | None = None
+    step_times: list[float] = field(default_factory=list)  # seconds of each finished step
+    last_step: float = 0.0  # when the latest step ended
+    seen: float = field(default_factory=time.monotonic)  # when its request last asked about it
+    video: Path | None = None
+    error: BaseException | None = None
+
+    @property
+    def steps(self) -> int:
+        return self.settings.num_inference_steps
+
+    def enter(self, stage: str) -> None:
+        self.stage, self.stage_started = stage, time.monotonic()
+
+    def check(self) -> None:
+        """Raise JobStopped if the job must stop now (called between steps)."""
+        now = time.monotonic()
+        doing = {"queued": "waiting", "text": "encoding the prompt", "vae": "decoding"}.get(self.stage, self.stage)
+        where = f"at step {self.steps_done} of {self.steps}" if self.stage == "dit" else f"while {doing}"
+        if self.cancel.is_set():
+            raise JobStopped(f"Cancelled {where}; nothing was written")
+        if now - self.seen > CLIENT_TIMEOUT:
+            raise JobStopped(f"Stopped {where}: the page that asked for it went away; nothing was written")
+        if self.time_limit is not None and self.started is not None and now - self.started > self.time_limit:
+            raise JobStopped(f"Stopped {where}: it ran past this server's --max_job_seconds={self.time_limit:g} "
+                             f"(estimate: {describe(self.estimate.seconds)}); nothing was written")  # fmt: skip
+
+    def step_seconds(self) -> float:
+        """Seconds per step: measured once a step has run, else estimated."""
+        return sum(self.step_times) / len(self.step_times) if self.step_times else self.estimate.step_seconds
+
+    def remaining(self) -> float:
+        """Seconds until it is done, from where it is and what it has measured."""
+        stages, elapsed = self.estimate.stages, time.monotonic() - (self.stage_started or time.monotonic())
+        if self.stage == "queued":
+            return self.estimate.seconds
+        if self.stage == "text":
+            return self.estimate.seconds - min(elapsed, stages["text"])
+        after = stages["vae"] + stages["write"] + stages["other"]
+        if self.stage == "dit":
+            return (self.steps - self.steps_done) * self.step_seconds() + after
+        return max(after - elapsed, 0) if self.stage == "vae" else 0.0
+
+    def status(self, ahead: int = 0, wait: float = 0.0) -> str:
+        """What the page shows now."""
+        if self.stage == "queued":
+            line = f"Waiting for the device: {ahead} job{'s' * (ahead != 1)} ahead, about {describe(wait)}"
+        elif self.stage == "text":
+            line = f"Encoding the prompt; then {self.steps} steps of about {describe(self.step_seconds())} each"
+        elif self.stage == "dit":
+            line = (f"Sampling: step {min(self.steps_done + 1, self.steps)} of {self.steps} · "
+                    f"{describe(self.step_seconds())} per step · about {describe(self.remaining())} left")  # fmt: skip
+        else:
+            line = f"Decoding and writing the video: about {describe(self.remaining())} left"
+        if self.stage == "queued":
+            line += f"; then about {describe(self.estimate.seconds)} to generate"
+        return "\n\n".join([*(f"⚠️ {n}" for n in self.notices), line])
+
+
+class Worker:
+    """The one thread that runs jobs on the device, in order; the others wait in a bounded queue."""
+
+    def __init__(self, run, max_queue: int, setup=None):
+        """`run(job)` generates a job; `setup()` runs first on the same thread (timings taken there are the jobs':
+        a thread's CPU threading, and so its speed, is its own)."""
+        self._run, self.max_queue, self._setup = run, max_queue, setup
+        self._cond = threading.Condition()
+        self._waiting: deque[Job] = deque()
+        self.current: Job | None = None
+        self.ready, self.setup_error = threading.Event(), None
+        threading.Thread(target=self._loop, name="mochi-device", daemon=True).start()
+        self.ready.wait()
+        if self.setup_error is not None:
+            raise self.setup_error
+
+    def submit(self, job: Job) -> None:
+        with self._cond:
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull(f"the queue is full ({self.max_queue} jobs wait); try again later")
+            self._waiting.append(job)
+            self._cond.notify()
+
+    def waiting(self) -> int:
+        with self._cond:
+            return len(self._waiting)
+
+    def place(self, job: Job) -> tuple[int, float]:
+        """(jobs ahead of `job`, seconds until the device is free for it): what the running job has left, by its
+        measured steps, plus the estimates of the jobs waiting ahead."""
+        with self._cond:
+            if job not in self._waiting:
+                return 0, 0.0
+            ahead = list(self._waiting)[: self._waiting.index(job)]
+            current = [self.current] if self.current is not None else []
+        return len(ahead) + len(current), sum(j.remaining() for j in current + ahead)
+
+    def cancel(self, session: str | None) -> int:
+        """Cancel every job of a page session (waiting ones leave the queue at once); -> how many."""
+        with self._cond:
+            jobs = [j for j in [self.current, *self._waiting] if j is not None and j.session == session]
+            for job in jobs:
+                job.cancel.set()
+                if job in self._waiting:
+                    self._waiting.remove(job)
+                    job.error = JobStopped("Cancelled while waiting; nothing was written")
+                    job.done.set()
+        return len(jobs)
+
+    def _loop(self) -> None:
+        try:
+            if self._setup is not None:
+                self._setup()
+        except Exception as e:
+            self.setup_error = e
+            return
+        finally:
+            self.ready.set()
+        while True:
+            with self._cond:
+                while not self._waiting:
+                    self._cond.wait()
+                job = self.current = self._waiting.popleft()
+            try:
+                job.started = time.monotonic()
+                job.check()  # cancelled or abandoned while it waited
+                job.video = self._run(job)
+            except BaseException as e:  # reported to the job's request; the worker goes on with the next job
+                job.error = e
+            finally:
+                with self._cond:
+                    self.current = None
+                job.enter("done")
+                job.done.set()
+
+
+class Studio:
+    """The server side of the page: checks and estimates requests, queues them for the device, reports on them."""
+
+    def __init__(
+        self,
+        pipe: MochiPipeline,
+        out_dir: Path,
+        options: infer.RunOptions,
+        limits: Limits = Limits(),  # frozen: a shared default is safe
+        max_queue: int = 8,
+        rates: Rates | None = None,
+        demo: bool = False,
+    ):
+        self.pipe, self.out_dir, self.options, self.limits, self.demo = pipe, Path(out_dir), options, limits, demo
+        self.rates = rates
+
+        def measure():
+            if self.rates is None:
+                self.rates = Rates.measure(pipe)
+                start = time.monotonic()
+                _clean_up(pipe)
+                self.rates.other = time.monotonic() - start
+
+        self.worker = Worker(self._run, max_queue, measure)
+
+    def request(self, values: dict, session: str | None = None) -> Job:
+        """A form's values (keyed as FORM) as a queued Job; ValueError naming the problem (settings, limits, the
+        estimate) before anything is queued, QueueFull when the queue is."""
+        s = read_form(values)
+        tokens, notices = self._read_prompts(s)
+        est = estimate(self.pipe, s, self.rates, tokens, self.options.batch_cfg)
+        if problems := self.limits.problems(s, est):
+            raise ValueError(f"Refused: {'; '.join(problems)}. Estimate on this machine: {summary(est)}")
+        if est.seconds > WARN_SECONDS:
+            notices.append(f"This job will take about {describe(est.seconds)} on this device ({summary(est)})")
+        job = Job(s, est, session, self.limits.max_job_seconds, notices)
+        self.worker.submit(job)
+        return job
+
+    def follow(self, job: Job) -> Iterator[str]:
+        """The job's status, every POLL_SECONDS until it is done; closing this iterator early cancels the job."""
+        try:
+            while not job.done.is_set():
+                job.seen = time.monotonic()
+                yield job.status(*self.worker.place(job))
+                job.done.wait(POLL_SECONDS)
+        finally:
+            if not job.done.is_set():
+                job.cancel.set()
+
+    def cancel(self, session: str | None) -> str:
+        n = self.worker.cancel(session)
+        return f"Cancelling {n} job{'s' * (n != 1)}" if n else "Nothing to cancel"
+
+    def _read_prompts(self, s: Settings) -> tuple[tuple[int, int], list[str]]:
+        """(T5 tokens of the prompt and of the negative prompt, notices): a prompt cut to T5's length, and on the
+        demo model a prompt outside its world."""
+        tokenizer, most = self.pipe.tokenizer, self.pipe.t5.max_length
+        counts = [0 if p == "" else len(tokenizer([p], verbose=False).input_ids[0]) for p in (s.prompt,
+                  s.negative_prompt)]  # fmt: skip
+        notices = [
+            f"The {what} is {n} tokens; only the first {most} are used (T5 sees at most {most})"
+            for what, n in zip(("prompt", "negative prompt"), counts, strict=True)
+            if n > most
+        ]
+        if self.demo and (warning := prompt_warning(s.prompt)):
+            notices.append(warning)
+        return (min(counts[0], most), min(counts[1], most)), notices
+
+    def _run(self, job: Job) -> Path:
+        """Generate one job on the device (the worker thread), checking between steps whether it must stop."""
+
+        def before_dit(module, args):
+            if job.stage == "text":
+                job.enter("dit")
+            job.check()
+
+        def on_step(pipe, i, sigma, state):
+            now = time.monotonic()
+            job.step_times.append(now - (job.stage_started if not job.step_times else job.last_step))
+            job.last_step, job.steps_done = now, i + 1
+            if i + 1 == job.steps:
+                job.enter("vae")
+            else:
+                job.check()
+
+        job.enter("text")
+        hook = self.pipe.dit.register_forward_pre_hook(before_dit)
+        try:
+            video = infer.generate(self.pipe, job.settings, infer.new_output_path(self.out_dir), self.options, on_step)
+        except BaseException as e:
+            if isinstance(e, JobStopped):
+                print(f"job stopped: {e}", file=sys.stderr)
+            _drop_tracebacks(e)  # its frames hold the job's tensors: free them before the next job starts
+            raise
+        finally:
+            hook.remove()
+            _clean_up(self.pipe)
+            if not self.worker.waiting():
+                self.rates.refresh(self.pipe)  # idle: the free memory the next estimates compare with
+        seconds = json.loads(video.with_suffix(".json").read_text()).get("seconds", {})
+        seconds["rest"] = time.monotonic() - job.started - sum(seconds.values())  # encoding, writing, cleaning up
+        self.rates.observe(job.estimate, seconds)
+        return video
+
+    def result(self, job: Job) -> tuple[str, dict, int]:
+        """(video path, sidecar, seed) of a finished job, or the gr.Error that says why there is none."""
+        error = job.error
+        if error is None:
+            record = json.loads(job.video.with_suffix(".json").read_text())
+            return str(job.video), record, record["seed"]
+        job.error = None  # the job (and its error's frames, holding tensors) must not outlive the request
+        message = _message(error)
+        print(f"error: {message}", file=sys.stderr)
+        _drop_tracebacks(error)
+        raise gr.Error(message, print_exception=False) from None
+
+
+def _message(error: BaseException) -> str:
+    """What the page says about a failed job."""
+    if isinstance(error, (JobStopped, *USER_ERRORS)):
+        return str(error)
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    if isinstance(error, torch.OutOfMemoryError | MemoryError) or "can't allocate memory" in first:
+        return f"out of memory ({first}); this job failed, nothing was written"
+    return f"{type(error).__name__}: {first}"
+
+
+def summary(est: Estimate) -> str:
+    """An estimate in one line: time by stage, memory."""
+    text, dit, vae, write, other = (est.stages[k] for k in ("text", "dit", "vae", "write", "other"))
+    return (
+        f"{describe(est.seconds)} (prompt {describe(text)}, sampling {describe(dit)} = {describe(est.step_seconds)} "
+        f"per step, decoding {describe(vae)}, writing {describe(write + other)}); memory {gib(est.memory)} of "
+        f"{gib(est.available)} free on {est.where}"
+    )
 
 
 def read_form(values: dict) -> Settings:
@@ -44,53 +382,75 @@ def read_form(values: dict) -> Settings:
     "Random seed" (or an empty Seed) draws the seed here, below 2**32: a browser shows numbers above 2**53 rounded,
     so a seed the page shows must be one the page can give back.
     """
-    s = Settings().updated({k: v for k, v in values.items() if k != RANDOM_SEED}, "ui")
+    given = {k: v for k, v in values.items() if k != RANDOM_SEED}
+    s = Settings().updated(given, "ui")
+    # an empty box of an optional text setting (an input image's path...) means "not given", not ""
+    empty = [table.BY_FILE[k] for k, v in given.items() if not v and table.BY_FILE[k].kind is str]
+    s = replace(s, **{e.api: None for e in empty if e.optional})
     if values.get(RANDOM_SEED) or s.seed is None:
         s = replace(s, seed=secrets.randbelow(2**32))
     return s.check("ui")
 
 
-def make_handler(pipe: MochiPipeline, out_dir: Path, options: infer.RunOptions):
-    """The Generate button's function: form values in (FORM's order); (video path, sidecar dict, seed used) out,
-    or a gr.Error with the message."""
+def make_handler(studio: Studio):
+    """The Generate button's function, a generator: form values in (FORM's order); (video, sidecar, seed, status)
+    out, the status every POLL_SECONDS while the job waits and runs; a gr.Error with the message on failure."""
 
-    def generate(*values, progress=None):
-        if len(values) == len(FORM) + 1:  # gradio passes its gr.Progress positionally, after the form's values
-            *values, progress = values
-        if progress is None:
-            progress = lambda *a, **k: None  # noqa: E731
+    def generate(*values):
+        values, request = _split_request(values, FORM)
         try:
-            s = read_form(dict(zip(FORM, values, strict=True)))
-            steps = s.num_inference_steps
+            job = studio.request(dict(zip(FORM, values, strict=True)), _session(request))
+        except (ValueError, QueueFull) as e:
+            print(f"refused: {e}", file=sys.stderr)
+            raise gr.Error(str(e), print_exception=False) from None
+        for notice in job.notices:
+            gr.Warning(notice)
+        with closing(studio.follow(job)) as statuses:  # closed early (the page went away, /cancel): job cancelled
+            for status in statuses:
+                yield gr.skip(), gr.skip(), gr.skip(), status
+        if isinstance(job.error, JobStopped) and job.cancel.is_set():  # the user asked for it: no error
+            yield gr.skip(), gr.skip(), gr.skip(), str(job.error)
+            return
+        try:
+            yield *studio.result(job), "\n\n".join([*(f"⚠️ {n}" for n in job.notices), "Done"])
+        except gr.Error as e:
+            yield gr.skip(), gr.skip(), gr.skip(), f"**Failed:** {e.message}"
+            raise
 
-            def on_step(pipe, i, sigma, state):
-                progress((i + 1, steps), desc="sampling" if i + 1 < steps else "decoding", unit="steps")
+    return _with_parameters(generate, FORM)
 
-            progress((0, steps), desc="encoding the prompt", unit="steps")
-            video = infer.generate(pipe, s, infer.new_output_path(out_dir), options, callback=on_step)
-        except (DeviceMemoryError, torch.OutOfMemoryError) as e:
-            # Out of memory: give the memory back before the next job in the queue runs (the error's traceback holds
-            # the failed job's tensors; a decode that failed left its latents in a file the message names).
-            message = str(e)
-            print(f"error: {message}", file=sys.stderr)
-            _drop_tracebacks(e)
-            del e
-            release_memory(pipe.device)
-            raise gr.Error(message, print_exception=False) from None
-        except USER_ERRORS as e:
-            print(f"error: {e}", file=sys.stderr)
-            raise gr.Error(str(e), print_exception=False) from e
-        record = json.loads(video.with_suffix(".json").read_text())
-        return str(video), record, record["seed"]
 
-    # gradio reads a function's parameters to pass the form's values and finds gr.Progress by a parameter's default
-    # value; this signature names one parameter per form field (as the API docs show them), then `progress`.
+def make_genmo_handler(studio: Studio, defaults: Settings):
+    """Genmo's endpoint: its eight inputs in its order, the video out (the other settings: the model's defaults)."""
+    base = {**defaults.to_file(), RANDOM_SEED: False}
+
+    def generate_video(*values):
+        values, request = _split_request(values, GENMO)
+        form = {**base, **dict(zip(GENMO, values, strict=True))}
+        with closing(make_handler(studio)(*(form[k] for k in FORM), request)) as updates:
+            for video, *_ in updates:
+                yield video
+
+    return _with_parameters(generate_video, GENMO)
+
+
+def _with_parameters(fn, names: tuple[str, ...]):
+    """`fn(*values)` with a signature naming one parameter per input, then `request`: gradio passes the inputs by
+    position, shows these names in the API docs, and appends the gr.Request (found by its annotation)."""
     P = inspect.Parameter
-    params = [P(k, P.POSITIONAL_OR_KEYWORD) for k in FORM] + [
-        P("progress", P.POSITIONAL_OR_KEYWORD, default=gr.Progress())
-    ]
-    generate.__signature__ = inspect.Signature(params)
-    return generate
+    params = [P(k, P.POSITIONAL_OR_KEYWORD) for k in names]
+    fn.__signature__ = inspect.Signature([*params, P("request", P.POSITIONAL_OR_KEYWORD, default=None)])
+    fn.__annotations__ = {"request": gr.Request}
+    return fn
+
+
+def _split_request(values: tuple, names: tuple[str, ...]) -> tuple[tuple, gr.Request | None]:
+    """(the inputs, the gr.Request gradio appended or None)."""
+    return (values[:-1], values[-1]) if len(values) == len(names) + 1 else (values, None)
+
+
+def _session(request: gr.Request | None) -> str | None:
+    return getattr(request, "session_hash", None)
 
 
 def _drop_tracebacks(error: BaseException) -> None:
@@ -104,22 +464,34 @@ def _drop_tracebacks(error: BaseException) -> None:
         error = error.__cause__ or error.__context__
 
 
+def _clean_up(pipe: MochiPipeline) -> None:
+    """After a job: collect its garbage, and hand freed heap memory back to the system (glibc keeps it otherwise,
+    and the server's resident memory creeps up)."""
+    release_memory(pipe.device)
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def _input(s: table.Setting, value) -> gr.components.Component:
-    """The form's input for one setting: its label, initial value and hints all come from the settings table."""
+    """The form's input for one setting: its label, initial value and hints all come from the settings table.
+    Numbers arrive unrounded (no `precision`): 16.5 is refused by the settings check, as in the CLI."""
     if s.kind is str:
         return gr.Textbox(value, label=s.label, **s.ui)
-    return gr.Number(value, label=s.label, **s.ui)
+    return gr.Number(value, label=s.label, **{k: v for k, v in s.ui.items() if k != "precision"})
 
 
-def build_ui(pipe: MochiPipeline, args: argparse.Namespace, model_dir: Path) -> gr.Blocks:
+def build_ui(studio: Studio, args: argparse.Namespace, model_dir: Path) -> gr.Blocks:
     """The page: settings on the left (one input per row of the settings table), the video and its sidecar right."""
-    d = table.from_arguments(args, table.model_defaults(model_dir))  # flags > the folder's defaults > the table's
-    options = infer.RunOptions.from_args(args)
+    d = table.from_arguments(args, infer.cli_defaults(model_dir, args.preset))  # flags > preset > the folder's
+    if studio.demo and args.prompt is None:
+        d = replace(d, prompt=DEMO_PROMPT)  # the lemon prompt is outside the demo's world
     # gradio serves copies of the videos from its cache; drop copies older than a day (the originals stay in out_dir)
     with gr.Blocks(title="Mochi 1 preview", delete_cache=(3600, 86400)) as demo:
         gr.Markdown(f"## Mochi 1 preview\nModel: `{model_dir}` · videos are saved in `{args.out_dir.resolve()}`")
-        if args.model_dir is None and model_dir == DEMO_MODEL_DIR:
-            gr.Markdown("No --model_dir given: the small demo model (one coloured shape moving; try its prompts).")
+        if studio.demo:
+            gr.Markdown("The small demo model: one coloured shape moving; describe its colour, shape and direction.")
         elif args.model_dir is None:
             gr.Markdown("**No --model_dir given: this model has RANDOM weights; it makes noise, not video.**")
         with gr.Row():
@@ -135,24 +507,74 @@ def build_ui(pipe: MochiPipeline, args: argparse.Namespace, model_dir: Path) -> 
                                 form[RANDOM_SEED] = gr.Checkbox(
                                     False, label="Random seed", info="draw a new seed each time"
                                 )
-                button = gr.Button("Generate", variant="primary")
+                preview = gr.Markdown(elem_id="estimate")
+                with gr.Row():
+                    button = gr.Button("Generate", variant="primary")
+                    cancel = gr.Button("Cancel", variant="stop")
+                hidden = gr.Button(visible=False)  # Genmo's API endpoint's trigger
             with gr.Column():
+                status = gr.Markdown(elem_id="status")
                 video = gr.Video(label="Video", format="mp4", interactive=False, autoplay=True, loop=True)
                 record = gr.JSON(label="Settings (the sidecar JSON)")
-        outputs = [video, record, form["seed"]]
-        handler = make_handler(pipe, args.out_dir, options)
-        button.click(handler, [form[k] for k in FORM], outputs, api_name="generate")
+        inputs = [form[k] for k in FORM]
+        hidden.click(
+            make_genmo_handler(studio, d), [form[k] for k in GENMO], [video], api_name="generate_video",
+            concurrency_limit=None, show_progress="hidden",
+        )  # fmt: skip
+        button.click(
+            make_handler(studio), inputs, [video, record, form["seed"], status], api_name="generate",
+            concurrency_limit=None, show_progress="hidden",
+        )  # fmt: skip
+
+        def stop(request: gr.Request) -> str:
+            return studio.cancel(_session(request))
+
+        cancel.click(stop, None, [status], api_name="cancel", concurrency_limit=None)
+        demo.unload(stop)  # the tab closed (its heartbeat ended): its jobs stop
+
+        def show_estimate(*values):
+            try:
+                s = read_form(dict(zip(FORM, values, strict=True)))
+                est = estimate(studio.pipe, s, studio.rates, studio._read_prompts(s)[0], studio.options.batch_cfg)
+            except ValueError as e:
+                return f"*{e}*"
+            problems = studio.limits.problems(s, est)
+            verdict = f"**Refused here:** {'; '.join(problems)}" if problems else ""
+            return f"Estimate on this device: {summary(est)}. {verdict}"
+
+        triggers = [form[k].change for k in FORM] + [demo.load]
+        gr.on(triggers, show_estimate, inputs, preview, queue=False, show_progress="hidden", api_visibility="private")
     return demo
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The CLI's flags (generation flags set the form's initial values) plus the server's."""
+    """The CLI's flags (generation flags set the form's initial values; Genmo's --cpu_offload and --lora_path among
+    them) plus the server's."""
     p = infer.build_parser()
     p.prog, p.description = "python -m mochi_preview.gradio_ui", "Web UI for Mochi 1 preview."
     p.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: the whole network)")
     p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     p.add_argument("--max_queue", type=int, default=8, help="requests that may wait for the device (default 8)")
+    p.add_argument(
+        "--max_job_seconds",
+        type=float,
+        default=Limits.max_job_seconds,
+        help=f"refuse jobs estimated longer, stop jobs running longer (default {Limits.max_job_seconds:g})",
+    )
+    p.add_argument(
+        "--max_frames", type=int, default=Limits.max_frames, help=f"refuse more frames (default {Limits.max_frames})"
+    )
+    p.add_argument("--max_pixels", type=int, default=Limits.max_pixels,
+                   help=f"refuse a larger width x height (default {Limits.max_pixels:,} = 848x480)")  # fmt: skip
     return p
+
+
+def check_server_args(args: argparse.Namespace) -> None:
+    """The server's own flags (ValueError naming the flag), before anything loads."""
+    for name in ("max_queue", "max_job_seconds", "max_frames", "max_pixels"):
+        if getattr(args, name) <= 0:
+            raise ValueError(f"--{name} must be positive; got {getattr(args, name)}")
+    infer.lora_arguments(args)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -166,16 +588,20 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--fps must be a positive number; got {args.fps}")
     try:
         # the flags are checked before the weights load (slow): a typo is reported at once
+        check_server_args(args)
         model_dir = infer.find_model_dir(args.model_dir)
-        table.from_arguments(args, table.model_defaults(model_dir)).check("cli")
+        table.from_arguments(args, infer.cli_defaults(model_dir, args.preset)).check("cli")
         pipe, model_dir = infer.load_pipeline(args, model_dir)  # once, before serving: requests never wait for it
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    demo = build_ui(pipe, args, model_dir)
-    # One generation on the device at a time; a bounded queue refuses requests beyond it instead of piling up.
-    demo.queue(default_concurrency_limit=1, max_size=args.max_queue)
+    limits = Limits(args.max_job_seconds, args.max_frames, args.max_pixels)
+    studio = Studio(pipe, args.out_dir, infer.RunOptions.from_args(args), limits, args.max_queue, demo=pipe.is_demo)
+    print(f"measured on {pipe.device}: {studio.rates}", file=sys.stderr)
+    demo = build_ui(studio, args, model_dir)
+    # The events do not wait in gradio's queue: requests are checked at once, and the Studio's worker runs them.
+    demo.queue(default_concurrency_limit=None)
     # show_error: an unexpected failure still shows its message in the page (the traceback stays in the console)
     out = str(args.out_dir.resolve())
     demo.launch(server_name=args.host, server_port=args.port, allowed_paths=[out], show_error=True)

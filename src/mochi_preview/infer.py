@@ -1,7 +1,10 @@
 """Command line: `python -m mochi_preview.infer --prompt ... [--model_dir DIR]` (also installed as `mochi`).
 
 Writes `<out_dir>/output_<timestamp>.mp4` (H.264, yuv420p) and a JSON sidecar with every setting, so any video can be
-regenerated; files appear complete or not at all, and existing files are never overwritten.
+regenerated. Everything is checked before any weights load; the output's name is claimed when the run starts and the
+video and sidecar are published together at the end, or nothing is (see outputs.py); existing files are never
+overwritten. Ctrl-C (exit 130) and SIGTERM (143) leave nothing behind. On a machine with several GPUs the command
+runs itself under torch's elastic launcher, one process per GPU (see launch.py).
 """
 
 from __future__ import annotations
@@ -10,19 +13,24 @@ import argparse
 import json
 import os
 import secrets
+import signal
 import sys
 import time
+import warnings
 from collections.abc import Sequence
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-from . import __version__
+from . import __version__, launch, outputs
+from . import conditioning as pixels_in
 from . import settings as table
 from .distributed import RankFailedError, check_compatible, launched_world_size
+from .geometry import MOCHI
 from .latents_file import decode_command, latent_stats_of, latents_path_for, load_latents, save_latents
+from .outputs import estimated_bytes, new_output_path
 from .pipeline import (
     SEED_BITS,
     DecodeMemoryError,
@@ -32,8 +40,9 @@ from .pipeline import (
     decode_frames,
     resolve_model_dir,
 )
+from .sampling import PRESETS
 from .settings import Settings, model_defaults
-from .video import export_to_video, new_output_path, write_json_atomic
+from .video import encode_video, frames_digest, stream_digest
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -67,16 +76,33 @@ def describe_files(folder: Path) -> dict:
     return out
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(defaults: Settings | None = None) -> argparse.ArgumentParser:
+    """The CLI's flags; their help shows `defaults` (the model's, see `help_defaults`), else the table's."""
     p = argparse.ArgumentParser(prog="mochi", description="Generate a video with Mochi 1 preview.")
-    table.add_arguments(p)  # --prompt, --width, --cfg_scale, --num_steps ...: from the settings table
+    table.add_arguments(p, defaults)  # --prompt, --width, --cfg_scale, --num_steps ...: from the settings table
     p.add_argument("--model_dir", type=Path, help="weights folder (native or diffusers layout) or a cached Hub id")
-    p.add_argument("--t5_dir", type=Path, help="T5 folder, if not inside --model_dir (a google/t5-v1_1-xxl download)")
+    p.add_argument(
+        "--t5_dir",
+        help="T5 folder or Hub id in the local cache, if not inside --model_dir (default: the folder's, else "
+        "google/t5-v1_1-xxl from the cache, as Genmo's code reads it)",
+    )
+    p.add_argument(
+        "--verify", action="store_true", help="check the weight files' SHA-256 against the folder's manifest first"
+    )
     p.add_argument(
         "--dtype", choices=["auto", *sorted(DTYPES)], default="auto", help="DiT/VAE (auto: bf16 GPU, fp32 CPU)"
     )
     p.add_argument("--t5_dtype", choices=sorted(DTYPES), default="fp32", help="T5 weights (default fp32)")
+    p.add_argument(
+        "--vae_dtype", choices=sorted(DTYPES), default="fp32", help="VAE decoder (default fp32, as Genmo decodes)"
+    )
     p.add_argument("--device", help="cuda, cuda:1, cpu ... (default: cuda if available)")
+    p.add_argument(
+        "--gpus",
+        type=int,
+        help="processes, one per GPU, under torch's elastic launcher (default: every GPU when there are several; "
+        "1: one process; with --device cpu, N CPU processes)",
+    )
     p.add_argument(
         "--memory",
         choices=["auto", "resident", "model", "sequential"],
@@ -101,6 +127,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--compile", action="store_true", help="torch.compile the DiT and VAE blocks (slow first run)")
     p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        help="a named sampling recipe under the flags: fast = FastMochi's (8 steps, CFG 1.5, pcm_linear_quadratic)",
+    )
+    p.add_argument(
+        "--lora_path",
+        action="append",
+        default=[],
+        metavar="PATH[:STRENGTH]",
+        help="a LoRA (Genmo, diffusers/peft or ComfyUI format) merged into the DiT at startup; repeatable; strength "
+        "default 1 (with --fp8 applied live)",
+    )
+    p.add_argument(
         "--batch_cfg",
         nargs="?",
         const="on",
@@ -115,9 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard_dit", action="store_true", help="torchrun: each rank keeps only its share of DiT blocks")
     p.add_argument("--out_dir", type=Path, default=Path("outputs"), help="where videos go (default outputs/)")
     p.add_argument("--output", type=Path, help="exact output path (.mp4); refused if it exists")
-    p.add_argument("--fps", type=int, default=30, help="frame rate of the MP4 (default 30)")
+    p.add_argument("--fps", type=_positive, default=30, help="frame rate of the MP4 (default 30)")
     p.add_argument("--sweep-file", dest="sweep_file", type=Path, help="JSONL: one generation per line, resumable")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or notes: only warnings, errors, the result")
     p.add_argument(
         "--save_latents",
         type=Path,
@@ -134,22 +173,130 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _positive(text: str) -> float:
+    """--fps: a positive number (a whole one stays an int)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive number; got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number; got {text!r}")
+    return int(value) if value.is_integer() else value
+
+
+def help_defaults(argv: Sequence[str]) -> Settings | None:
+    """For --help: the settings of the model the command will use (the demo model's without --model_dir); None
+    when there is no --help or the folder cannot be read (the help then shows the table's defaults)."""
+    if "-h" not in argv and "--help" not in argv:
+        return None
+    from .tiny import demo_model_dir
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--model_dir")
+    model_dir = pre.parse_known_args(argv)[0].model_dir
+    try:  # without --model_dir and without the demo model, the table's (the random stand-in is not made for --help)
+        folder = resolve_model_dir(model_dir) if model_dir is not None else demo_model_dir()
+        return cli_defaults(folder) if folder is not None else None
+    except (ValueError, OSError):
+        return None
+
+
+def is_demo(model_dir: Path) -> bool:
+    from .tiny import DEMO_MODEL_DIR
+
+    return Path(model_dir).resolve() == DEMO_MODEL_DIR.resolve()
+
+
+def cli_defaults(model_dir: Path, preset: str | None = None) -> Settings:
+    """The settings a run starts from: the model folder's defaults (for the demo model, a prompt it can draw), then
+    a named sampling recipe (`sampling.PRESETS`, e.g. "fast": FastMochi's 8 steps); the flags go on top."""
+    d = model_defaults(model_dir)
+    if is_demo(model_dir) and d.prompt == table.DEFAULT_PROMPT:
+        from .demo.vocabulary import DEMO_PROMPT
+
+        d = replace(d, prompt=DEMO_PROMPT)
+    if preset is not None:
+        d = d.updated(PRESETS[preset], "file", where=f"--preset {preset}")
+    return d
+
+
+def fit_to_inputs(args: argparse.Namespace, runs: list[Settings], model_dir: Path) -> list[Settings]:
+    """Each run's --image / --init_video / --extend file checked from its header before any weights load (missing,
+    unreadable, too small, too short, of another size), with a video's size (and, for --init_video, its usable
+    frame count) filling what the flags leave unset; and the VAE encoder the inputs need looked for."""
+    fitted = []
+    for s in runs:
+        if (given := pixels_in.given_input(s.image, s.video, s.extend)) is None:
+            fitted.append(s)
+            continue
+        kind, path = given
+        flag = pixels_in.FLAGS[kind]
+        width, height, frames = pixels_in.probe(kind, path)
+        try:
+            if kind == "image":
+                pixels_in.check_image_size(width, height, s.height, s.width)
+            else:
+                size = {k: v for k, v in (("width", width), ("height", height)) if getattr(args, k) is None}
+                if kind == "video" and args.num_frames is None:
+                    size["num_frames"] = MOCHI.num_frames(MOCHI.latent_frames(max(frames, 1)))
+                s = replace(s, **size)
+                used = pixels_in.check_video_shape(frames, height, width, s.height, s.width)
+                if kind == "video" and s.num_frames > used:
+                    raise ValueError(f"--num_frames {s.num_frames} but the video has {used} usable frames")
+        except ValueError as e:
+            raise ValueError(f"{flag} {path}: {e}") from None
+        fitted.append(s.check("cli"))
+    if any(pixels_in.given_input(s.image, s.video, s.extend) for s in fitted):
+        if not ((model_dir / "encoder.safetensors").is_file() or (model_dir / "vae").is_dir()):
+            raise FileNotFoundError(
+                f"--image, --init_video and --extend need the VAE encoder: {model_dir} has no encoder.safetensors "
+                "(or vae/)"
+            )
+    return fitted
+
+
 def read_sweep(path: Path, base: Settings) -> list[Settings]:
     """One checked Settings per non-empty JSONL line (file names: cfg_scale, num_steps ...); an unknown key or a bad
     value stops everything, naming the line: a sweep is checked whole before any weights load."""
     runs = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"--sweep-file {path}: cannot read it ({e})") from None
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
             entry = json.loads(line)
         except json.JSONDecodeError as e:
-            raise SystemExit(f"{path}:{number}: not valid JSON ({e.msg})") from e
+            raise ValueError(f"{path}:{number}: not valid JSON ({e.msg})") from None
         try:
             runs.append(base.updated(entry, "file").check("file"))
         except ValueError as e:
-            raise SystemExit(f"{path}:{number}: {e}") from e
+            raise ValueError(f"{path}:{number}: {e}") from None
     return runs
+
+
+def available_devices() -> list[str]:
+    devices = ["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count() if torch.cuda.is_available() else 0)]
+    return devices + (["mps"] if torch.backends.mps.is_available() else [])
+
+
+def check_device(name: str | None) -> None:
+    """ValueError naming --device and the devices there are, for a device this machine does not have."""
+    if name is None:
+        return
+    available = available_devices()
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {name!r} is not a device name; available here: {', '.join(available)}") from None
+    if device.type == "cpu":
+        return
+    if device.type == "cuda" and device.index is None and any(d.startswith("cuda") for d in available):
+        return
+    if str(device) not in available:
+        raise ValueError(f"--device {name}: not available on this machine; available here: {', '.join(available)}")
 
 
 def resolve_dtype(name: str, device: str | None) -> torch.dtype:
@@ -178,6 +325,22 @@ def memory_mode(args: argparse.Namespace) -> str:
     return args.memory or (flags[0] if flags else "auto")
 
 
+def lora_arguments(args: argparse.Namespace) -> list[tuple[Path, float]]:
+    """--lora_path values as (path, strength), each file's header checked (exists, safetensors, a known LoRA layout):
+    cheap, so it runs before any weights load; the shapes are checked against the DiT when it is applied."""
+    from .lora import check_lora_file, parse_lora_arg
+
+    loras = []
+    for text in args.lora_path:
+        path, strength = parse_lora_arg(text)
+        try:
+            check_lora_file(path)
+        except (ValueError, OSError) as e:
+            raise ValueError(f"--lora_path {text}: {e}") from None
+        loras.append((path, strength))
+    return loras
+
+
 def load_pipeline(args: argparse.Namespace, model_dir: Path | None = None) -> tuple[MochiPipeline, Path]:
     """The pipeline the flags ask for, from `model_dir` (default: found from --model_dir); the slow part."""
     model_dir = model_dir if model_dir is not None else find_model_dir(args.model_dir)
@@ -191,7 +354,9 @@ def load_pipeline(args: argparse.Namespace, model_dir: Path | None = None) -> tu
         torch_dtype=resolve_dtype(args.dtype, args.device),
         device=args.device,
         text_encoder_path=args.t5_dir,
+        verify_hashes=args.verify,
         text_encoder_dtype=DTYPES[args.t5_dtype],
+        vae_dtype=DTYPES[args.vae_dtype],
         attention_backend=args.attention,
         attention_chunk=args.attention_chunk,
         fp8=args.fp8,
@@ -200,6 +365,10 @@ def load_pipeline(args: argparse.Namespace, model_dir: Path | None = None) -> tu
         shard_dit=args.shard_dit,
         memory=memory,
     )
+    for path, strength in lora_arguments(args):
+        pipe.load_lora_weights(path, strength=strength)
+    if args.lora_path and args.fp8 is None:
+        pipe.fuse_lora()  # merged in fp32, then cast: no per-step cost (fp8 weights keep them live)
     if args.compile:
         pipe.compile()
     if args.vae_tiling == "on":
@@ -216,11 +385,13 @@ def generate(
     options: RunOptions = RunOptions(),  # frozen: a shared default is safe
     callback=None,
 ) -> Path | None:
-    """Generate one video to `output` (an .mp4 path, + a `.json` sidecar), both written atomically.
+    """Generate one video to `output` (an .mp4 path, + a `.json` sidecar), published together (outputs.py).
 
     `settings` are checked by the pipeline (callers that can, check them earlier, before loading weights);
     `seed=None` draws a random seed, which the sidecar records. `callback`: the pipeline's callback_on_step_end.
-    Under torchrun every rank generates and only rank 0 writes (the others pass and get None).
+    `output` is claimed here unless `new_output_path` claimed it; any exception (KeyboardInterrupt too, or one
+    `callback` raises) leaves no file behind and gives the name back. Under torchrun every rank generates and only
+    rank 0 writes (the others pass None and get None).
 
     `options.save_latents`: the finished latents are also written there (a latents file) before the decode. When the
     decode runs out of memory, also with a smaller plan, the latents are written (there, or beside `output`) and the
@@ -228,6 +399,43 @@ def generate(
     """
     if settings.seed is None:  # drawn here, so that a latents file written before the decode records it
         settings = replace(settings, seed=secrets.randbits(SEED_BITS))
+    claim = outputs.claim_for(output) if output is not None and pipe.is_main_process else None
+    size = estimated_bytes(settings.num_frames, settings.height, settings.width)
+    try:
+        if claim is not None:
+            outputs.check_space(claim.path.parent, size, "the output folder")
+        out = _sample_and_decode(pipe, settings, output, options, callback)
+        if claim is None:
+            return None
+        seed = getattr(out, "seed", None)  # the seed the pipeline used (drawn when settings.seed is None)
+        if seed is None:
+            seed = settings.seed
+        record = run_record(pipe, settings, options, seed, getattr(out, "noise_device", "cpu"))
+        created = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        frames = out.frames[0]
+        record.update(seconds=out.timings, peak_memory_bytes=out.peak_memory, created=created)
+        record.update(frames_digest=frames_digest(frames))
+        if getattr(out, "conditioning", None) is not None:  # the input file (name, bytes, sha256) and what was done
+            record["conditioning"] = out.conditioning
+            record["sigmas"] = out.conditioning.get("sigmas", record["sigmas"])  # video to video: the cut schedule
+        if getattr(out, "cache", None) is not None:  # which DiT calls the step cache computed and reused
+            record["cache_steps"] = out.cache
+        outputs.check_space(claim.path.parent, size, "the output folder")  # again: the run may have taken hours
+        video = claim.publish(
+            lambda tmp: encode_video(frames, tmp, options.fps, metadata={"mochi": json.dumps(record)}),
+            lambda tmp: {**record, "stream_digest": stream_digest(tmp)},
+        )
+    except BaseException:
+        if claim is not None:
+            claim.release()
+        raise
+    summary = ", ".join(f"{k} {v:.1f} s / {out.peak_memory.get(k, 0) / 2**30:.2f} GiB" for k, v in out.timings.items())
+    print(f"wrote {video} ({summary})", file=sys.stderr)  # the one line --quiet keeps: the result
+    return video
+
+
+def _sample_and_decode(pipe: MochiPipeline, settings: Settings, output: Path | None, options: RunOptions, callback):
+    """The pipeline's output for `settings`, with the latents kept in a file when the decode runs out of memory."""
     saved: list[Path] = []
     on_step = callback
     if options.save_latents is not None and pipe.is_main_process:
@@ -243,7 +451,7 @@ def generate(
             return out
 
     try:
-        out = pipe(
+        return pipe(
             **settings.pipeline_kwargs(),
             batch_cfg=options.batch_cfg,
             progress=options.progress,
@@ -258,20 +466,6 @@ def generate(
         command = decode_command(path, pipe.sources["model_dir"])
         kept = f"{path}; decode them with:\n  {command}\n(add --vae_tiling on, or --device cpu, if memory stays short)"
         raise DecodeMemoryError(e.reason, e.latents, e.attempts, kept=kept) from None
-    if not pipe.is_main_process:
-        return None
-    seed = getattr(out, "seed", None)  # the seed the pipeline used (drawn when settings.seed is None)
-    if seed is None:
-        seed = settings.seed
-    if seed is None:
-        raise RuntimeError("the pipeline drew a random seed but did not report it (MochiOutput.seed)")
-    record = run_record(pipe, settings, options, seed, getattr(out, "noise_device", "cpu"))
-    record.update(seconds=out.timings, peak_memory_bytes=out.peak_memory, created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-    video = export_to_video(out.frames[0], output, fps=options.fps, metadata={"mochi": json.dumps(record)})
-    write_json_atomic(output.with_suffix(".json"), record)
-    summary = ", ".join(f"{k} {v:.1f} s / {out.peak_memory.get(k, 0) / 2**30:.2f} GiB" for k, v in out.timings.items())
-    print(f"wrote {video} ({summary})", file=sys.stderr)
-    return video
 
 
 def run_record(
@@ -293,6 +487,7 @@ def run_record(
         "fps": options.fps,
         "dtype": str(pipe.dit.dtype).removeprefix("torch."),
         "t5_dtype": _dtype_name(pipe.text_encoder.dtype),
+        "vae_dtype": _dtype_name(next(pipe.decoder.parameters()).dtype),
         "model_dir": str(model_dir),
         "text_encoder": pipe.sources.get("text_encoder"),
         "model_files": describe_files(model_dir),
@@ -302,12 +497,15 @@ def run_record(
         "noise_device": noise_device,
         "memory": pipe.memory_record(),  # the memory mode (asked, chosen) and the bytes each stage moved
         "batch_cfg": pipe.last_batch_cfg,  # whether the CFG branches ran in one batch (None: no CFG)
+        "loras": pipe.lora_record(),  # each LoRA's file name, size, sha256 and strength
         "attention": pipe.dit.attention_backend_in_use,  # the kernel the DiT ran ("sdpa", "flash", "sage")
         "processes": pipe.cp.world_size if pipe.cp is not None else 1,
         "vae": vae,
         "seconds": {},
         "peak_memory_bytes": {},
         "created": None,
+        "frames_digest": None,  # sha256 of the uint8 frames (video.frames_digest)
+        "stream_digest": None,  # sha256 of the encoded stream (video.stream_digest; in the sidecar, not the MP4)
     }
 
 
@@ -337,18 +535,22 @@ def decode_latents_file(args: argparse.Namespace) -> Path:
     model_dir = find_model_dir(args.model_dir if args.model_dir is not None else meta["model_dir"])
     dtype = DTYPES[args.dtype] if args.dtype != "auto" else getattr(torch, meta["decode"]["dtype"])
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    output = args.output or new_output_path(args.out_dir)
+    claim = outputs.claim(args.output) if args.output is not None else outputs.claim_for(new_output_path(args.out_dir))
     vae = {"auto": {"mode": "auto"}, "on": {"mode": "tiled"}, "off": {"mode": "full"}}[args.vae_tiling]
-    decoder = load_vae_decoder(model_dir, dtype=dtype).to(device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    start = time.perf_counter()
     try:
+        decoder = load_vae_decoder(model_dir, dtype=dtype).to(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        start = time.perf_counter()
         with torch.inference_mode():
             frames, used = decode_frames(decoder, latents.to(device), latent_stats_of(meta), vae)
     except DecodeMemoryError as e:
+        claim.release()
         kept = f"{source} (try --vae_tiling on, or --device cpu)"
         raise DecodeMemoryError(e.reason, e.latents, e.attempts, kept=kept) from None
+    except BaseException:
+        claim.release()
+        raise
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _peak_rss()
     record = dict(meta["record"])
@@ -361,8 +563,12 @@ def decode_latents_file(args: argparse.Namespace) -> Path:
         decoded_from=str(source),
         decode_device=str(device),
     )
-    video = export_to_video(frames[0].cpu().numpy(), output, fps=fps, metadata={"mochi": json.dumps(record)})
-    write_json_atomic(output.with_suffix(".json"), record)
+    frames = frames[0].cpu().numpy()
+    record.update(frames_digest=frames_digest(frames))
+    video = claim.publish(
+        lambda tmp: encode_video(frames, tmp, fps, metadata={"mochi": json.dumps(record)}),
+        lambda tmp: {**record, "stream_digest": stream_digest(tmp)},
+    )
     print(f"wrote {video} (decoded {source}: {seconds:.1f} s / {peak / 2**30:.2f} GiB)", file=sys.stderr)
     return video
 
@@ -380,66 +586,220 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return next((k for k, v in DTYPES.items() if v == dtype), str(dtype).removeprefix("torch."))
 
 
+class Stopped(BaseException):
+    """SIGTERM or SIGHUP arrived (a BaseException, like KeyboardInterrupt: no `except Exception` swallows it)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.code = 128 + signum
+
+
+@dataclass
+class Progress:
+    """Where the CLI is, for the one line an interrupt prints; the pipeline's step callback."""
+
+    steps: int = 0
+    done: int = 0
+    sampling: bool = False
+    line: str = ""  # " of line 3" in a sweep
+    path: Path | None = None  # the video being made
+
+    def __call__(self, pipe, i, sigma, state):
+        self.done = i + 1
+
+    def start(self, settings: Settings, path: Path | None, line: str = "") -> Progress:
+        self.steps, self.done, self.sampling, self.line, self.path = settings.num_inference_steps, 0, True, line, path
+        return self
+
+    def stopped(self, how: str, written: list[Path]) -> str:
+        """The line for a run stopped by a signal; `written`: the videos this run published."""
+        if written and written[-1] == self.path:  # the signal came during the last rename: it was held till then
+            return f"{how} after writing {self.path}"
+        if not self.sampling:
+            where = "before sampling"
+        elif self.done < self.steps:
+            where = f"at step {self.done}/{self.steps}"
+        else:
+            where = f"after the last step ({self.done}/{self.steps}), decoding or writing"
+        kept = f" ({len(written)} earlier video(s) kept, the last {written[-1]})" if written else ""
+        return f"{how} {where}{self.line}; nothing written{' for it' if kept else ''}{kept}"
+
+
+@contextmanager
+def stop_on_signals():
+    """SIGTERM and SIGHUP raise `Stopped` (SIGINT raises KeyboardInterrupt), so every exit path cleans up."""
+
+    def stop(signum, frame):
+        raise Stopped(signum)
+
+    old = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
+@contextmanager
+def one_line_warnings():
+    """Warnings as `warning: message` lines (not Python's file:line and source line)."""
+    before = warnings.formatwarning
+    warnings.formatwarning = lambda message, category, filename, lineno, line=None: f"warning: {message}\n"
+    try:
+        yield
+    finally:
+        warnings.formatwarning = before
+
+
+def quiet_libraries() -> None:
+    """--quiet: no progress bars or notes from transformers and huggingface_hub either."""
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    os.environ["TRANSFORMERS_VERBOSITY"] = "error"
+    os.environ["TRANSFORMERS_NO_ADVISORY_WARNINGS"] = "1"
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+
+
+def check_request(args: argparse.Namespace, runs: list[Settings]) -> None:
+    """Everything about the request but its settings, before any weights load: the flags that go together, the
+    output names, the device, --gpus, the output folder's writability and free space. Creates nothing."""
+    if args.output is not None and args.sweep_file is not None:
+        raise ValueError("--output names one file; with --sweep-file use --out_dir")
+    if args.save_latents is not None and (args.sweep_file is not None or args.decode_latents is not None):
+        raise ValueError("--save_latents names one file for one generation; not with --sweep-file or --decode_latents")
+    if args.decode_latents is not None and args.sweep_file is not None:
+        raise ValueError("--decode_latents decodes one file; not with --sweep-file")
+    for flag, path in (("--output", args.output), ("--save_latents", args.save_latents)):
+        if path is not None and path.exists():
+            raise ValueError(f"{flag} {path} exists; not overwriting it (choose another {flag})")
+    if args.output is not None and outputs.sidecar_of(args.output).exists():
+        raise ValueError(f"--output {args.output}: its sidecar {outputs.sidecar_of(args.output)} exists")
+    check_device(args.device)
+    lora_arguments(args)
+    launch.processes(args.gpus, args.device)
+    folder, flag = (args.output.parent, "--output") if args.output is not None else (args.out_dir, "--out_dir")
+    outputs.check_writable(folder, flag)
+    if runs:
+        outputs.check_space(folder, max(estimated_bytes(s.num_frames, s.height, s.width) for s in runs), flag)
+
+
+def check_latent_stats(model_dir: Path) -> None:
+    """A model folder's latent_stats.json, read before the weights: a malformed one names the file and the key."""
+    from .vae.latents import load_latent_stats
+
+    load_latent_stats(model_dir)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The CLI: exit 0 when the video(s) were written, 2 for a bad request (a message, no traceback, nothing
+    written), 1 when another process of a torchrun job failed, 130 on Ctrl-C, 128 + N on signal N."""
+    argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
+    args = build_parser(help_defaults(argv)).parse_args(argv)
+    if args.quiet:
+        quiet_libraries()
+    progress = Progress()
+    before = len(outputs.published)
+    with one_line_warnings(), stop_on_signals():
+        try:
+            return _run(args, argv, progress)
+        except KeyboardInterrupt:
+            print(progress.stopped("interrupted", outputs.published[before:]), file=sys.stderr)
+            return 130
+        except Stopped as e:
+            print(progress.stopped(f"stopped by {e}", outputs.published[before:]), file=sys.stderr)
+            return e.code
+        except RankFailedError as e:  # another process of the torchrun job failed first: name it, no trace
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        except (ValueError, OSError, NonFiniteLatentsError, DeviceMemoryError, torch.OutOfMemoryError) as e:
+            print(f"error: {_message(e)}", file=sys.stderr)
+            return 2
+
+
+def _run(args: argparse.Namespace, argv: list[str], progress: Progress) -> int:
+    options = RunOptions.from_args(args)
+    if args.decode_latents is not None:
+        check_request(args, [])
+        decode_latents_file(args)
+        return 0
+    # Everything the user asked for is checked before any weights load: find the folder and its defaults
+    # (cheap), apply the flags, check; only then load (slow).
+    model_dir = find_model_dir(args.model_dir)
+    base = table.from_arguments(args, cli_defaults(model_dir, args.preset))
+    runs = read_sweep(args.sweep_file, base) if args.sweep_file is not None else [base.check("cli")]
+    runs = fit_to_inputs(args, runs, model_dir)
+    check_request(args, runs)
+    check_latent_stats(model_dir)
+    processes = launch.processes(args.gpus, args.device)
+    if processes > 1:
+        return launch.launch(processes, argv)  # each process runs this command again (and warns, on rank 0)
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    if is_demo(model_dir) and main_process:
+        from .demo.vocabulary import prompt_warning
+
+        for problem in {prompt_warning(p) for s in runs for p in _prompts(s)} - {None}:
+            print(f"warning: {problem}", file=sys.stderr)
+    if args.sweep_file is None:
+        path = outputs.claim_for(args.output or new_output_path(args.out_dir)).path if main_process else None
+        try:
+            pipe, model_dir = load_pipeline(args, model_dir)
+        except BaseException:
+            if path is not None:
+                outputs.release(path)
+            raise
+        with guarded(pipe):
+            generate(pipe, runs[0], path, options, callback=progress.start(runs[0], path))
+        return 0
+    pipe, model_dir = load_pipeline(args, model_dir)
+    for i, s in enumerate(runs):
+        # The name holds the line's settings digest: a finished line is skipped on the next run (resume),
+        # and an edited line is generated again under a new name.
+        path = (args.out_dir / f"{args.sweep_file.stem}_{i:04d}_{s.digest()}.mp4").absolute()
+        skip = _sweep_claim(path, i) if pipe.is_main_process else None
+        if pipe.cp is not None:
+            skip = pipe.cp.broadcast_object(skip)  # rank 0 decides
+        if skip:
+            continue
+        path = path if pipe.is_main_process else None
+        with guarded(pipe):
+            generate(pipe, s, path, options, progress.start(s, path, f" of line {i}"))
+    return 0
+
+
+def _sweep_claim(path: Path, line: int) -> bool:
+    """Claim a sweep line's video name; True (with a note) when the line is done or another run is on it."""
+    try:
+        outputs.claim(path)
+        return False
+    except FileExistsError:
+        pass
+    video, sidecar = path.exists(), outputs.sidecar_of(path).exists()
+    if video and sidecar:
+        print(f"skip {line}: {path} exists", file=sys.stderr)
+    elif video or sidecar:
+        there, missing = (path, "sidecar") if video else (outputs.sidecar_of(path), "video")
+        print(f"warning: skip {line}: {there} has no {missing} (from an older version?); move it away to generate "
+              "this line again", file=sys.stderr)  # fmt: skip
+    else:
+        print(f"skip {line}: another run is writing {path}", file=sys.stderr)
+    return True
+
+
+def _message(e: BaseException) -> str:
+    """An error's message; an OSError of ours without "[Errno N]" (the system's own keep it, with the file name)."""
+    return e.strerror if isinstance(e, OSError) and e.strerror and e.filename is None else str(e)
+
+
+def _prompts(s: Settings) -> list[str]:
+    return [s.prompt] if isinstance(s.prompt, str) else list(s.prompt)
+
+
 def guarded(pipe: MochiPipeline):
     """Under torchrun, a failure here (e.g. rank 0 writing the video) stops the other ranks, naming this one."""
     return pipe.cp.guard() if pipe.cp is not None else nullcontext()
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.output is not None and args.output.exists():
-        raise SystemExit(f"{args.output} exists; not overwriting it (choose another --output)")
-    if args.output is not None and args.sweep_file is not None:
-        raise SystemExit("--output names one file; with --sweep-file use --out_dir")
-    if args.fps <= 0:
-        parser.error(f"--fps must be a positive number; got {args.fps}")
-    if args.save_latents is not None and args.save_latents.exists():
-        raise SystemExit(f"{args.save_latents} exists; not overwriting it (choose another --save_latents)")
-    if args.save_latents is not None and (args.sweep_file is not None or args.decode_latents is not None):
-        raise SystemExit("--save_latents names one file for one generation; not with --sweep-file or --decode_latents")
-    if args.decode_latents is not None and args.sweep_file is not None:
-        raise SystemExit("--decode_latents decodes one file; not with --sweep-file")
-    options = RunOptions.from_args(args)
-    if args.decode_latents is not None:
-        try:
-            decode_latents_file(args)
-            return 0
-        except (ValueError, OSError, DeviceMemoryError, torch.OutOfMemoryError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-    try:
-        # Everything the user asked for is checked before any weights load: find the folder and its defaults
-        # (cheap), apply the flags, check; only then load (slow).
-        model_dir = find_model_dir(args.model_dir)
-        base = table.from_arguments(args, model_defaults(model_dir))
-        runs = read_sweep(args.sweep_file, base) if args.sweep_file is not None else [base.check("cli")]
-        pipe, model_dir = load_pipeline(args, model_dir)
-        if args.sweep_file is None:
-            path = (args.output or new_output_path(args.out_dir)) if pipe.is_main_process else None
-            with guarded(pipe):
-                generate(pipe, runs[0], path, options)
-            return 0
-        if pipe.is_main_process:
-            args.out_dir.mkdir(parents=True, exist_ok=True)
-        for i, s in enumerate(runs):
-            # The name holds the line's settings digest: a finished line is skipped on the next run (resume),
-            # and an edited line is generated again under a new name.
-            path = args.out_dir / f"{args.sweep_file.stem}_{i:04d}_{s.digest()}.mp4"
-            done = pipe.cp.broadcast_object(path.exists()) if pipe.cp is not None else path.exists()  # rank 0 decides
-            if done:
-                if pipe.is_main_process:
-                    print(f"skip {i}: {path} exists", file=sys.stderr)
-                continue
-            with guarded(pipe):
-                generate(pipe, s, path if pipe.is_main_process else None, options)
-        return 0
-    except RankFailedError as e:  # another process of the torchrun job failed first: name it, no trace
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except (ValueError, OSError, NonFiniteLatentsError, DeviceMemoryError) as e:  # bad input: a message, no trace
-        print(f"error: {e}", file=sys.stderr)
-        return 2
 
 
 if __name__ == "__main__":

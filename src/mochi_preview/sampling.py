@@ -43,6 +43,42 @@ def linear_quadratic_schedule(
     return [1.0 - x for x in progress]
 
 
+def pcm_linear_quadratic_schedule(
+    num_steps: int = 8, phases: int = 50, threshold_noise: float = 0.1, linear_steps: int = 750, points: int = 1000
+) -> list[float]:
+    """FastMochi's schedule: `num_steps` evenly spaced picks from `phases` of a `points`-step linear-quadratic schedule.
+
+    The fine schedule (without its terminal 0) is thinned to every (points / phases)-th value, the values at
+    floor(linspace(0, phases, num_steps, endpoint=False)) are kept, and 0 is appended (spec 13.6: phases 50 in
+    FastMochi's distillation and demo, 100 in its inference script).
+    """
+    if phases < 1 or points % phases:
+        raise ValueError(f"phases must divide points ({points}); got {phases}")
+    if not 1 <= num_steps <= phases:
+        raise ValueError(f"num_steps must be in [1, {phases}] (the phases); got {num_steps}")
+    coarse = linear_quadratic_schedule(points, threshold_noise, linear_steps)[: -1 : points // phases]
+    return [coarse[i * phases // num_steps] for i in range(num_steps)] + [0.0]
+
+
+SCHEDULES = ("linear_quadratic", "pcm_linear_quadratic")
+PRESETS: dict[str, dict[str, object]] = {
+    "fast": {"num_steps": 8, "cfg_scale": 1.5, "schedule": "pcm_linear_quadratic"},  # FastMochi (spec 13.6)
+}
+"""Named sampling recipes, as settings under their file names (like a model folder's `mochi_defaults.json`)."""
+
+
+def schedule_sigmas(
+    schedule: str, num_steps: int, threshold_noise: float = 0.025, linear_steps: int | None = None
+) -> list[float]:
+    """The sigmas of a named schedule: "linear_quadratic" (Mochi's) or "pcm_linear_quadratic" (FastMochi's, which
+    has its own fixed threshold and linear steps)."""
+    if schedule == "linear_quadratic":
+        return linear_quadratic_schedule(num_steps, threshold_noise, linear_steps)
+    if schedule == "pcm_linear_quadratic":
+        return pcm_linear_quadratic_schedule(num_steps)
+    raise ValueError(f"schedule must be one of {SCHEDULES}; got {schedule!r}")
+
+
 def check_sigmas(sigmas: Sequence[float]) -> list[float]:
     """Validate a custom schedule: at least two values in [0, 1], strictly decreasing."""
     sigmas = [float(s) for s in sigmas]
@@ -111,7 +147,8 @@ class DiTCall:
     the velocity; `call(latents=..., text=...)` runs it on edited ones.
 
     `branch` is "cond" (the prompts), "uncond" (the negative prompts) or "both" (batched CFG: `latents` and `text`
-    hold the cond rows, then the uncond rows). `sigma` is the noise level of `latents`, `step` the Euler step.
+    hold the cond rows, then the uncond rows). `sigma` is the noise level of `latents`, `step` the Euler step of
+    `num_steps` (None when the caller did not say).
     """
 
     model: Callable[..., torch.Tensor]
@@ -120,12 +157,17 @@ class DiTCall:
     latents: torch.Tensor
     text: TextCondition
     branch: str
+    num_steps: int | None = None
 
-    def __call__(self, latents: torch.Tensor | None = None, text: TextCondition | None = None) -> torch.Tensor:
+    def inputs(self, latents: torch.Tensor | None = None, text: TextCondition | None = None) -> tuple:
+        """The model's arguments (latents, sigma (B,) fp32, text features, text mask), with any edits applied."""
         z = self.latents if latents is None else latents
         text = self.text if text is None else text
         sigma = torch.full((z.shape[0],), self.sigma, dtype=torch.float32, device=z.device)
-        return self.model(z, sigma, text.features, text.mask)
+        return z, sigma, text.features, text.mask
+
+    def __call__(self, latents: torch.Tensor | None = None, text: TextCondition | None = None) -> torch.Tensor:
+        return self.model(*self.inputs(latents, text))
 
 
 DiTHook = Callable[[DiTCall], torch.Tensor]
@@ -146,11 +188,12 @@ def cfg_velocity(
     batch_cfg: bool = False,
     step: int = 0,
     dit_hook: DiTHook | None = None,
+    num_steps: int | None = None,
 ) -> torch.Tensor:
     """Classifier-free guided velocity at noise level `sigma`: v_u + scale * (v_c - v_u), in fp32."""
 
     def velocity(branch: str, latents: torch.Tensor, text: TextCondition) -> torch.Tensor:
-        call = DiTCall(model, step, sigma, latents, text, branch)
+        call = DiTCall(model, step, sigma, latents, text, branch, num_steps)
         return (call() if dit_hook is None else dit_hook(call)).float()
 
     if uncond is None or scale == 1.0:
@@ -183,7 +226,7 @@ def denoise(
     scales = guidance_per_step(guidance, len(sigmas) - 1)
     z = z.float()
     for i, scale in enumerate(scales):
-        v = cfg_velocity(model, z, sigmas[i], cond, uncond, scale, batch_cfg, step=i, dit_hook=dit_hook)
+        v = cfg_velocity(model, z, sigmas[i], cond, uncond, scale, batch_cfg, i, dit_hook, num_steps=len(scales))
         z = z + (sigmas[i] - sigmas[i + 1]) * v  # the step size is a float64 difference, applied to fp32
         if callback is not None and (replaced := callback(i, sigmas[i + 1], z)) is not None:
             z = replaced.float()

@@ -15,17 +15,18 @@ request at once, naming each bad value the way that surface calls it, so callers
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from numbers import Integral, Real
 from pathlib import Path
 from typing import Any
 
 from .geometry import MOCHI
-from .sampling import linear_quadratic_schedule
+from .sampling import SCHEDULES, schedule_sigmas
 
 SURFACES = ("api", "cli", "file", "ui")
 SEED_MAX = 2**64 - 1  # torch.Generator.manual_seed takes any unsigned 64-bit value
@@ -58,6 +59,10 @@ class Setting:
     ui_group: str = "main"  # the form's row or section: main, size, seed, sampling, advanced
     ui: Mapping[str, Any] = field(default_factory=dict)  # extra arguments for the UI's input component
     pipeline: bool = True  # passed to `MochiPipeline.__call__` (future rows, e.g. output options, may not be)
+    choices: tuple[str, ...] = ()  # the valid values of a text setting that is one of a few words
+    digest_at_default: bool = True  # False for rows added later: at their default they leave sweep digests as before
+    open_bound: str = ""  # "minimum" or "maximum": that bound itself is not valid, e.g. strength in (0, 1]
+    parse: Callable[[Any], object] | None = None  # a further check of a value: raises ValueError saying what is valid
 
     @property
     def cli_flags(self) -> tuple[str, ...]:
@@ -69,9 +74,13 @@ class Setting:
             raise ValueError(f"surface must be one of {SURFACES}; got {surface!r}")
         return {"api": self.api, "cli": self.cli_flags[0], "file": self.file, "ui": self.label}[surface]
 
-    def cli_help(self) -> str:
-        shown = self.shown_default if self.shown_default is not None else str(self.default)
-        return f"{self.help} (default: {shown})"
+    def cli_help(self, default: Any = None) -> str:
+        """The flag's help, ending with `default` (that of the model the command will use), else the table's."""
+        if default is None or default == self.default:
+            default = self.shown_default if self.shown_default is not None else self.default
+        elif self.kind is str:
+            default = repr(default)
+        return f"{self.help} (default: {default})"
 
 
 SETTINGS: tuple[Setting, ...] = (
@@ -98,7 +107,44 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("linear_steps", "linear_steps", int, None, "Linear steps", "steps in the linear part of the schedule",
             optional=True, flags=("--linear-steps", "--linear_steps"), shown_default="half the steps",
             ui_group="advanced", ui=dict(precision=0, info="empty: half the steps")),
+    Setting("noise", "noise", str, "cpu", "Noise",
+            "initial noise: cpu (a seeded CPU generator: the same video on any device, as diffusers with a CPU "
+            "generator) or genmo (torch.manual_seed, then the sampling device's global generator, as Genmo's scripts: "
+            "a seed gives their video on the same GPU)", choices=("cpu", "genmo"), digest_at_default=False,
+            ui_group="advanced"),
+    Setting("schedule", "schedule", str, "linear_quadratic", "Schedule",
+            "the sigma schedule: linear_quadratic (Mochi's) or pcm_linear_quadratic (FastMochi's; --preset fast)",
+            choices=SCHEDULES, ui_group="advanced", digest_at_default=False),
+    Setting("cache", "cache", str, None, "Step cache",
+            "reuse DiT work between steps: teacache[:THRESHOLD] or first_block[:THRESHOLD] (faster, slightly "
+            "different video; off by default)", optional=True, shown_default="off", ui_group="advanced",
+            parse=lambda v: _parse_cache(v), digest_at_default=False),
+    Setting("image", "image", str, None, "Image", "an image file for the first frame (image to video); resized and "
+            "centre-cropped to the video size", optional=True, shown_default="none", ui_group="input",
+            digest_at_default=False),
+    Setting("video", "init_video", str, None, "Input video", "a video file to redraw (video to video) with "
+            "--strength; its size and frame count are used unless given", optional=True, shown_default="none",
+            ui_group="input", digest_at_default=False),
+    Setting("strength", "strength", float, 0.7, "Strength", "video to video: the noise level sampling starts "
+            "from; 1 ignores the input video, 0.3 keeps most of it", minimum=0.0, maximum=1.0, open_bound="minimum",
+            ui_group="input", ui=dict(step=0.05), digest_at_default=False),
+    Setting("extend", "extend", str, None, "Video to extend", "a video file to continue: its last 7 frames start "
+            "a new generation of --num_frames frames (those 7 included); the output is the video followed by the "
+            "new frames", optional=True, shown_default="none", ui_group="input", digest_at_default=False),
+    Setting("image_mode", "image_mode", str, "replace", "Image mode",
+            "how the image (or the extended video's end) holds the first latent frames: replace (put back on its "
+            "noising path after each step) or guide (a softer, halfway velocity correction toward it)",
+            choices=("replace", "guide"),
+            ui_group="input", digest_at_default=False),
+    Setting("image_release", "image_release", float, 0.0, "Image release",
+            "the fraction of the last steps in which the anchored frames are left free", minimum=0.0, maximum=1.0,
+            open_bound="maximum", ui_group="input", ui=dict(step=0.05), digest_at_default=False),
+    Setting("noise_multiplier", "noise_multiplier", float, 0.0, "Noise multiplier",
+            "Pusa models: the conditioning frames' noise level as a fraction of the schedule's (0 keeps them clean; "
+            "0.2-0.4 gives more motion)", minimum=0.0, maximum=1.0, ui_group="input", ui=dict(step=0.05),
+            digest_at_default=False),
 )  # fmt: skip
+PIXEL_INPUTS = ("image", "video", "extend")  # at most one per request
 BY_API: dict[str, Setting] = {s.api: s for s in SETTINGS}
 BY_FILE: dict[str, Setting] = {s.file: s for s in SETTINGS}
 
@@ -131,6 +177,16 @@ class Settings:
     num_inference_steps: int = _default("num_inference_steps")
     threshold_noise: float = _default("threshold_noise")
     linear_steps: int | None = _default("linear_steps")
+    noise: str = _default("noise")
+    schedule: str = _default("schedule")
+    cache: str | None = _default("cache")
+    image: str | None = _default("image")
+    video: str | None = _default("video")
+    strength: float = _default("strength")
+    extend: str | None = _default("extend")
+    image_mode: str = _default("image_mode")
+    image_release: float = _default("image_release")
+    noise_multiplier: float = _default("noise_multiplier")
 
     # ---- checking ------------------------------------------------------------------------------------------
 
@@ -144,16 +200,27 @@ class Settings:
                 problems.append(problem)
                 continue
             typed.add(s.api)
+            if s.choices and value not in s.choices:
+                problems.append(f"{names[s.api]} must be one of {', '.join(s.choices)}; got {value!r}")
+            if s.parse is not None and value is not None:
+                try:
+                    s.parse(value)
+                except ValueError as e:
+                    problems.append(f"{names[s.api]}: {e}")
             if value is None or s.kind is str:
                 continue
             for v in value if isinstance(value, Sequence) else [value]:  # guidance_scale: one value per step
-                if (s.minimum is not None and v < s.minimum) or (s.maximum is not None and v > s.maximum):
-                    problems.append(f"{names[s.api]} must be between {_show(s.minimum)} and {_show(s.maximum)}"
-                                    f"{s.hint}; got {value}")  # fmt: skip
+                low = s.minimum is not None and (v < s.minimum or (s.open_bound == "minimum" and v == s.minimum))
+                high = s.maximum is not None and (v > s.maximum or (s.open_bound == "maximum" and v == s.maximum))
+                if low or high:
+                    problems.append(f"{names[s.api]} must be {_range(s)}{s.hint}; got {value}")
                     break
         if {"num_frames", "height", "width"} <= typed:
             # the size's problems go first, in the order the video is described: frames, height, width
             problems[:0] = MOCHI.problems(self.num_frames, self.height, self.width, names=names)
+        if len(inputs := [names[k] for k in PIXEL_INPUTS if getattr(self, k) is not None]) > 1:
+            problems.append(f"{' and '.join(inputs)} were both given; use one input (an image, a video to redraw, "
+                            "or a video to extend)")  # fmt: skip
         steps = self.num_inference_steps if "num_inference_steps" in typed else None
         if steps is not None and 1 < steps and "linear_steps" in typed and self.linear_steps is not None:
             if not 1 <= self.linear_steps <= steps - 1:
@@ -179,8 +246,8 @@ class Settings:
 
     @property
     def sigmas(self) -> list[float]:
-        """The linear-quadratic sigma schedule: num_inference_steps + 1 values from 1.0 down to 0.0."""
-        return linear_quadratic_schedule(self.num_inference_steps, self.threshold_noise, self.linear_steps)
+        """The sigma schedule: num_inference_steps + 1 values from 1.0 down to 0.0."""
+        return schedule_sigmas(self.schedule, self.num_inference_steps, self.threshold_noise, self.linear_steps)
 
     def pipeline_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of `MochiPipeline.__call__` for these settings: `pipe(**s.pipeline_kwargs())`."""
@@ -191,8 +258,11 @@ class Settings:
         return {s.file: getattr(self, s.api) for s in SETTINGS}
 
     def digest(self) -> str:
-        """A short hash of the settings (under the file names, so it is stable across renames of the API)."""
-        return hashlib.sha256(json.dumps(self.to_file(), sort_keys=True).encode()).hexdigest()[:10]
+        """A short hash of the settings (under the file names, so it is stable across renames of the API; rows
+        added later count only away from their default, so a sweep's finished lines keep their names)."""
+        values = {s.file: getattr(self, s.api) for s in SETTINGS}
+        values = {k: v for k, v in values.items() if BY_FILE[k].digest_at_default or v != BY_FILE[k].default}
+        return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:10]
 
     # ---- reading -------------------------------------------------------------------------------------------
 
@@ -208,6 +278,19 @@ class Settings:
             return replace(self, **{BY_FILE[k].api: coerce(BY_FILE[k], v, surface) for k, v in values.items()})
         except ValueError as e:
             raise ValueError(f"{prefix}{e}") from None
+
+
+def _range(s: Setting) -> str:
+    if s.open_bound:
+        left, right = "(" if s.open_bound == "minimum" else "[", ")" if s.open_bound == "maximum" else "]"
+        return f"in {left}{_show(s.minimum)}, {_show(s.maximum)}{right}"
+    return f"between {_show(s.minimum)} and {_show(s.maximum)}"
+
+
+def _parse_cache(spec: str):
+    from .cache import parse_cache_spec  # the step caches import the DiT: only when a cache is asked for
+
+    return parse_cache_spec(spec)
 
 
 def _show(bound: float | None) -> str:
@@ -245,6 +328,8 @@ def coerce(s: Setting, value: Any, surface: str) -> Any:
     """
     shown = s.name(surface)
     if s.kind is str:
+        if s.optional and (value is None or value == ""):  # an empty textbox or file field: none given
+            return None
         if value is None and surface == "ui":  # an empty textbox
             return ""
         return value
@@ -290,10 +375,33 @@ def model_defaults(model_dir: str | Path | None, base: Settings | None = None) -
         raise ValueError(f"{path}: {e}") from None
 
 
-def add_arguments(parser) -> None:
-    """Add every setting's CLI flags to an argparse parser; each defaults to None (= not given), dest = file name."""
+def add_arguments(parser, defaults: Settings | None = None) -> None:
+    """Add every setting's CLI flags to an argparse parser; each defaults to None (= not given), dest = file name.
+    The help shows `defaults` (the settings the command will use: the model folder's), else the table's."""
     for s in SETTINGS:
-        parser.add_argument(*s.cli_flags, dest=s.file, type=s.kind, default=None, help=s.cli_help())
+        shown = getattr(defaults, s.api) if defaults is not None else None
+        kind = {int: _cli_int, float: _cli_float}.get(s.kind, s.kind)
+        parser.add_argument(
+            *s.cli_flags, dest=s.file, type=kind, default=None, choices=s.choices or None, help=s.cli_help(shown)
+        )
+
+
+def _cli_int(text: str) -> int:
+    """A flag's whole number; a fraction is refused (argparse names the flag)."""
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number; got {text!r}") from None
+
+
+def _cli_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number; got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number; got {text!r}")
+    return value
 
 
 def from_arguments(args, base: Settings) -> Settings:

@@ -161,6 +161,16 @@ def test_missing_shape_defining_tensor_is_named(tmp_path, native_state):
         load_vae_decoder(_save(tmp_path, native_state))
 
 
+def test_nan_or_inf_in_a_tensor_is_named_before_anything_runs(tmp_path, native_state):
+    native_state["blocks.0.1.stack.2.weight"][0, 0, 0, 0, 0] = float("inf")
+    native_state["blocks.0.1.stack.2.weight"][1, 0, 0, 0, 0] = float("nan")
+    path = _save(tmp_path, native_state)
+    with pytest.raises(
+        CheckpointError, match=r"decoder\.safetensors: tensor 'blocks\.0\.1\.stack\.2\.weight' holds 1 NaN and 1 Inf"
+    ):
+        load_vae_decoder(path)
+
+
 def test_truncated_file_is_reported(tmp_path, native_state):
     path = _save(tmp_path, native_state)
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])

@@ -44,7 +44,7 @@ def generate(pipe: MochiPipeline, prompts: list[str], defaults: dict, seed: int 
     for i in range(0, len(prompts), 16):
         batch = prompts[i : i + 16]
         g = torch.Generator().manual_seed(seed + i)
-        out.append(np.asarray(pipe(batch, generator=g, progress=False, **defaults).frames))
+        out.append(np.asarray(pipe(batch, generator=g, progress=False, output_type="np", **defaults).frames))
     return np.concatenate(out)
 
 

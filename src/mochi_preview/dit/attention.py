@@ -294,8 +294,9 @@ class AttentionKernel:
 
 
 def chunked_sdpa(q, k, v, mask: torch.Tensor | None, chunk: int) -> torch.Tensor:
-    """SDPA over query blocks of `chunk` rows (0: all at once), in `compute_dtype` (fp32 for half inputs on a CPU,
-    which is also what a GPU's flash kernel accumulates in); (B, H, S, d) in and out, in q's dtype and layout."""
+    """SDPA over query blocks of `chunk` rows (0: all at once), in `compute_dtype` (fp32 for half inputs on a CPU
+    without half instructions; fp32 is also what the half kernels accumulate in); (B, H, S, d) in and out, in q's
+    dtype and layout."""
     out_dtype, dtype = q.dtype, compute_dtype(q.dtype, q.device)
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     if not chunk or chunk >= q.shape[2]:

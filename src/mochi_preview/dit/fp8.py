@@ -98,7 +98,8 @@ class FP8Linear(Linear):
         return self.weight.to(dtype).mul_(scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """weight * scale rebuilt in the compute dtype (`compute_dtype`), then `linear`."""
+        """weight * scale rebuilt in the compute dtype (`compute_dtype`: bf16 for bf16 inputs on a GPU or a CPU with
+        bf16 instructions, fp32 on other CPUs), then `linear`."""
         return linear(x, self.dequantized(compute_dtype(x.dtype, x.device)), self.bias)
 
     def extra_repr(self) -> str:

@@ -6,7 +6,10 @@ multiply as a GPU does in bf16 (exact products, fp32 accumulation, one rounding 
 
 from __future__ import annotations
 
+import functools
 import math
+import os
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -14,17 +17,57 @@ from einops import rearrange
 from torch import nn
 
 HALF = (torch.bfloat16, torch.float16)
+CPU_HALF_PATHS = ("auto", "native", "upcast")  # MOCHI_CPU_HALF: how half inputs are multiplied on a CPU
+# CPU instructions that multiply each half format natively (x86 flags; "bf16" is the aarch64 feature).
+NATIVE_HALF_FLAGS = {torch.bfloat16: {"avx512_bf16", "amx_bf16", "bf16"}, torch.float16: {"avx512_fp16", "amx_fp16"}}
+
+
+@functools.cache
+def cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
+    """The instruction-set flags every core of this CPU has (/proc/cpuinfo `flags` or `Features`); empty elsewhere."""
+    try:
+        lines = Path(cpuinfo).read_text().splitlines()
+    except OSError:
+        return frozenset()
+    fields = (line.partition(":") for line in lines)
+    cores = [set(value.split()) for key, _, value in fields if key.strip() in ("flags", "Features")]
+    return frozenset(set.intersection(*cores)) if cores else frozenset()
+
+
+@torch.compiler.assume_constant_result  # compiled blocks take it as a constant (no graph break, no guard)
+def cpu_half_path(dtype: torch.dtype) -> str:
+    """How a CPU multiplies `dtype` inputs in this process: "native" (in `dtype`) or "upcast" (in fp32)."""
+    return decide_cpu_half_path(dtype)
+
+
+@functools.cache
+def decide_cpu_half_path(dtype: torch.dtype) -> str:
+    """`cpu_half_path`, decided at the first call and kept for the process (`cache_clear()` decides again).
+
+    "native" where the CPU has instructions for that format (NATIVE_HALF_FLAGS) and PyTorch has oneDNN to use them;
+    the environment variable MOCHI_CPU_HALF=native|upcast overrides. Decided from the machine, not by timing, so
+    one machine always takes one path and a seed always gives the same numbers there.
+    """
+    if dtype not in HALF:
+        return "native"
+    choice = os.environ.get("MOCHI_CPU_HALF", "auto")
+    if choice not in CPU_HALF_PATHS:
+        raise ValueError(f"MOCHI_CPU_HALF must be one of {', '.join(CPU_HALF_PATHS)}; got {choice!r}")
+    if choice != "auto":
+        return choice
+    native = torch.backends.mkldnn.is_available() and NATIVE_HALF_FLAGS[dtype] & cpu_flags()
+    return "native" if native else "upcast"
 
 
 def compute_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    """The dtype to multiply `dtype` inputs in on `device`: fp32 for half inputs on a CPU, else `dtype` itself.
+    """The dtype to multiply `dtype` inputs in on `device`: `dtype` itself, except half inputs on an "upcast" CPU.
 
-    A tensor core multiplies bf16/fp16 inputs exactly, accumulates in fp32 and rounds the output once. CPUs without
-    half-precision instructions run half matmuls ~10x slower than fp32, so there the inputs are upcast (exactly) and
-    multiplied in fp32: the same numbers as a GPU up to summation order, at the fp32 rate. Cast the result back to
-    `dtype`.
+    A tensor core multiplies bf16/fp16 inputs exactly, accumulates in fp32 and rounds the output once; so do CPUs
+    with bf16 (fp16) instructions, through oneDNN. CPUs without them run half matmuls ~6-10x slower than fp32, so
+    there (`cpu_half_path`) the inputs are upcast (exactly) and multiplied in fp32: the same numbers up to summation
+    order, at the fp32 rate. Cast the result back to `dtype`.
     """
-    if torch.device(device).type == "cpu" and dtype in HALF:
+    if dtype in HALF and torch.device(device).type == "cpu" and cpu_half_path(dtype) == "upcast":
         return torch.float32
     return dtype
 
@@ -50,14 +93,17 @@ def rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def modulated_rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """rms_norm(x) * (1 + scale), no learned weight; `scale` (B, D) broadcasts over tokens."""
-    return (rms_norm(x, eps) * (1.0 + scale.float()[:, None, :])).to(x.dtype)
+    """rms_norm(x) * (1 + scale), no learned weight; `scale` (B, D) broadcasts over tokens, (B, N, D) is per token."""
+    scale = scale[:, None, :] if scale.ndim == 2 else scale  # (B, 1, D) or (B, N, D)
+    return (rms_norm(x, eps) * (1.0 + scale.float())).to(x.dtype)
 
 
 def residual_gated_rms_norm(x: torch.Tensor, branch: torch.Tensor, gate: torch.Tensor, eps: float = 1e-6):
-    """x + tanh(gate) * rms_norm(branch): the sandwich norm closing each residual branch; `gate` (B, D)."""
+    """x + tanh(gate) * rms_norm(branch): the sandwich norm closing each residual branch; `gate` (B, D), or
+    (B, N, D) per token."""
+    gate = gate[:, None, :] if gate.ndim == 2 else gate  # (B, 1, D) or (B, N, D)
     # tanh is taken in the gate's own dtype (bf16 in practice), as the reference does under autocast.
-    return x + (rms_norm(branch, eps) * torch.tanh(gate)[:, None, :]).to(x.dtype)
+    return x + (rms_norm(branch, eps) * torch.tanh(gate)).to(x.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -145,7 +191,10 @@ class FinalLayer(nn.Module):
         self.mod = Linear(dim, 2 * dim)
         self.linear = Linear(dim, out_features)
 
-    def forward(self, x: torch.Tensor, c_act: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.mod(c_act).float().chunk(2, dim=-1)  # (B, D) each
-        x = F.layer_norm(x.float(), x.shape[-1:], eps=1e-6) * (1.0 + scale[:, None]) + shift[:, None]
+    def forward(self, x: torch.Tensor, c_act: torch.Tensor, frames: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, N, D), c_act (B, D); or c_act (B, T, D) one per latent frame, with `frames` (N,) each token's."""
+        mod = self.mod(c_act)  # (B, 2 D)
+        mod = mod[:, None] if frames is None else mod[:, frames]  # (B, 1, 2 D), or (B, N, 2 D) per token
+        shift, scale = mod.float().chunk(2, dim=-1)  # (B, 1 or N, D) each
+        x = F.layer_norm(x.float(), x.shape[-1:], eps=1e-6) * (1.0 + scale) + shift
         return self.linear(x.to(self.linear.weight.dtype))  # (B, N, p*p*C)

@@ -112,13 +112,21 @@ class AsymmetricJointBlock(nn.Module):
         self.mlp_x = FeedForward(cfg.dim_x, cfg.mlp_hidden_x)
         self.mlp_y = FeedForward(cfg.dim_y, cfg.mlp_hidden_y) if update_y else None
 
-    def forward(self, x, y, c_act, rope, attn: JointAttention, layout: TokenLayout):
-        """x (B, N, Dx), y (B, L, Dy), c_act = silu(c) (B, Dx) -> updated x, y."""
-        scale_msa_x, gate_msa_x, scale_mlp_x, gate_mlp_x = self.mod_x(c_act).chunk(4, dim=-1)  # (B, Dx) each
+    def forward(self, x, y, c_act, rope, attn: JointAttention, layout: TokenLayout, c_act_y=None, frames=None):
+        """x (B, N, Dx), y (B, L, Dy), c_act = silu(c) (B, Dx) -> updated x, y.
+
+        Per latent frame (see `AsymmDiT.conditioning`): c_act (B, T, Dx), `frames` (N,) the frame of each visual
+        token and c_act_y (B, Dx) the text stream's input.
+        """
+        mod_x = self.mod_x(c_act)  # (B, 4 Dx), or (B, T, 4 Dx) per frame
+        if frames is not None:
+            mod_x = mod_x[:, frames]  # (B, N, 4 Dx): each token its frame's
+        scale_msa_x, gate_msa_x, scale_mlp_x, gate_mlp_x = mod_x.chunk(4, dim=-1)  # (B, Dx) or (B, N, Dx) each
+        c_act_y = c_act if c_act_y is None else c_act_y  # (B, Dx)
         if self.update_y:
-            scale_msa_y, gate_msa_y, scale_mlp_y, gate_mlp_y = self.mod_y(c_act).chunk(4, dim=-1)  # (B, Dy) each
+            scale_msa_y, gate_msa_y, scale_mlp_y, gate_mlp_y = self.mod_y(c_act_y).chunk(4, dim=-1)  # (B, Dy) each
         else:
-            scale_msa_y = self.mod_y(c_act)  # (B, Dy): the last block only modulates the text it attends with
+            scale_msa_y = self.mod_y(c_act_y)  # (B, Dy): the last block only modulates the text it attends with
 
         x_in, y_in = modulated_rms_norm(x, scale_msa_x), modulated_rms_norm(y, scale_msa_y)
         x_attn, y_attn = self.attn(x_in, y_in, rope, attn, layout)
@@ -131,7 +139,10 @@ class AsymmetricJointBlock(nn.Module):
 
 
 class AsymmDiT(nn.Module):
-    """The Mochi DiT: `dit(latents, sigma, text_features, text_mask)` -> velocity, all in DiT latent space."""
+    """The Mochi DiT: `dit(latents, sigma, text_features, text_mask)` -> velocity, all in DiT latent space.
+
+    sigma is one noise level per video (B,), or one per latent frame (B, T) for models trained that way (Pusa).
+    """
 
     def __init__(self, cfg: DiTConfig, attention_backend: str = "sdpa", attention_chunk: int | None = None):
         super().__init__()
@@ -212,6 +223,24 @@ class AsymmDiT(nn.Module):
         """The compute dtype: that of the weights outside the fp32 ones."""
         return self.t5_yproj.weight.dtype
 
+    def conditioning(self, sigma, text_features, text_mask, tokens_per_frame: int):
+        """The blocks' modulation inputs -> (c_act, c_act_y, frames), c = timestep embedding + pooled caption.
+
+        One sigma per video (B,): c_act = silu(c) (B, Dx) serves both streams; c_act_y and frames are None.
+        One per latent frame (B, T): c_act = silu(c) (B, T, Dx) for the visual tokens, each token taking its frame's
+        (`frames` (N,): the frame of each of this process's tokens); the text stream takes silu of the mean of c
+        over the frames (the mean before the SiLU, as Pusa V0.5 was trained), c_act_y (B, Dx).
+        """
+        pooled = self.t5_y_embedder(text_features, text_mask)  # (B, Dx)
+        if sigma.ndim == 1:
+            return F.silu(self.t_embedder(sigma) + pooled), None, None  # (B, Dx)
+        b, t = sigma.shape
+        c = self.t_embedder(sigma.flatten()).unflatten(0, (b, t)) + pooled[:, None]  # (B, T, Dx)
+        c_act_y = F.silu(c.float().mean(dim=1).to(c.dtype))  # (B, Dx)
+        frames = torch.arange(t, device=sigma.device).repeat_interleave(tokens_per_frame)  # (N,) in token order
+        frames = self.token_layout.split_tokens(frames[None, :, None])[0, :, 0]  # (N,): this process's share
+        return F.silu(c), c_act_y, frames  # (B, T, Dx), (B, Dx), (N,)
+
     def forward(
         self,
         latents: torch.Tensor,
@@ -219,9 +248,11 @@ class AsymmDiT(nn.Module):
         text_features: torch.Tensor,
         text_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """latents (B, C, T, H, W), sigma (B,) in [0, 1], text (B, L, Dt), mask (B, L) -> velocity (B, C, T, H, W)."""
+        """latents (B, C, T, H, W), sigma (B,) or (B, T) in [0, 1], text (B, L, Dt), mask (B, L) -> velocity
+        (B, C, T, H, W). Per-frame sigmas that are all equal take the one-sigma path: the same velocity, bit for bit.
+        """
         b, _, t, h, w = self._check_inputs(latents, text_features, text_mask)
-        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=latents.device).expand(b)
+        sigma = self._check_sigma(sigma, b, t, latents.device)  # (B,), or (B, T) when the frames' sigmas differ
         if text_mask is None:
             text_mask = torch.ones(text_features.shape[:2], dtype=torch.bool, device=latents.device)
         p, dtype = self.cfg.patch_size, self.dtype
@@ -231,8 +262,7 @@ class AsymmDiT(nn.Module):
         frames = rearrange(latents.to(dtype), "b c t h w -> (b t) c h w")
         x = rearrange(self.x_embedder.proj(frames), "(b t) d h w -> b (t h w) d", b=b)  # (B, N, Dx)
         x = layout.split_tokens(x)  # (B, N, Dx): this process's share of the tokens
-        c = self.t_embedder(sigma) + self.t5_y_embedder(text_features, text_mask)  # (B, Dx)
-        c_act = F.silu(c)  # (B, Dx): every block's modulation input
+        c_act, c_act_y, token_frames = self.conditioning(sigma, text_features, text_mask, rows * cols)  # see there
         y = self.t5_yproj(text_features.to(dtype))  # (B, L, Dy)
         # Once per forward for every block: the backend for q, k, v's dtype (that of [x; y]), the text packing.
         attn_dtype = torch.promote_types(x.dtype, y.dtype)
@@ -241,11 +271,26 @@ class AsymmDiT(nn.Module):
         rope = tuple(layout.local_heads(r, dim=1) for r in rope)  # this process's heads
 
         for block in self.blocks:
-            x, y = block(x, y, c_act, rope, attn, layout)  # (B, N, Dx), (B, L, Dy)
+            x, y = block(x, y, c_act, rope, attn, layout, c_act_y, token_frames)  # (B, N, Dx), (B, L, Dy)
 
-        x = layout.gather_tokens(self.final_layer(x, c_act), num_tokens=t * rows * cols)  # (B, N, p*p*C)
+        x = self.final_layer(x, c_act, token_frames)  # (B, N, p*p*C)
+        x = layout.gather_tokens(x, num_tokens=t * rows * cols)  # (B, N, p*p*C): every process's tokens
         v = rearrange(x, "b (t h w) (p1 p2 c) -> b c t (h p1) (w p2)", t=t, h=rows, w=cols, p1=p, p2=p)
         return v.float()  # (B, C, T, H, W)
+
+    @staticmethod
+    def _check_sigma(sigma, b: int, t: int, device) -> torch.Tensor:
+        """A number, (B,) or (B, T) -> fp32 (B,), or (B, T) when the frames' sigmas differ."""
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=device)
+        if sigma.ndim < 2:
+            return sigma.expand(b)
+        if sigma.ndim > 2 or sigma.shape[0] not in (1, b) or sigma.shape[1] != t:
+            raise ValueError(
+                f"sigma must be a number, ({b},) or ({b}, {t}) (one per latent frame); got {tuple(sigma.shape)}"
+            )
+        sigma = sigma.expand(b, t)
+        # Equal over the frames: the one-sigma path. (The check reads one bool back from the device.)
+        return sigma[:, 0] if bool((sigma == sigma[:, :1]).all()) else sigma
 
     def _check_inputs(self, latents, text_features, text_mask):
         """Explain wrong shapes before they fail deep inside a block; -> (B, C, T, H, W)."""

@@ -67,8 +67,18 @@ def load_latent_stats(folder) -> tuple[list[float], list[float]] | None:
     path = Path(folder) / "latent_stats.json"
     if not path.is_file():
         return None
-    stats = json.loads(path.read_text())
-    mean, std = [float(x) for x in stats["mean"]], [float(x) for x in stats["std"]]
+    try:
+        stats = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    expected = f'{{"mean": [{len(LATENTS_MEAN)} numbers], "std": [{len(LATENTS_STD)} positive numbers]}}'
+    if not isinstance(stats, dict) or (missing := [k for k in ("mean", "std") if k not in stats]):
+        raise ValueError(f"{path}: missing key {missing[0]!r} (expected {expected})" if isinstance(stats, dict)
+                         else f"{path}: expected an object {expected}")  # fmt: skip
+    try:
+        mean, std = [float(x) for x in stats["mean"]], [float(x) for x in stats["std"]]
+    except (TypeError, ValueError):
+        raise ValueError(f"{path}: 'mean' and 'std' must be lists of numbers (expected {expected})") from None
     if len(mean) != len(LATENTS_MEAN) or len(std) != len(LATENTS_STD) or min(std) <= 0:
-        raise ValueError(f"{path}: expected {len(LATENTS_MEAN)} means and as many positive stds")
+        raise ValueError(f"{path}: expected {expected}; got {len(mean)} means and {len(std)} stds")
     return mean, std
