@@ -63,3 +63,18 @@ def test_genmos_folder_layout_reads_t5_from_the_hub_cache(demo_copy, tmp_path, m
     reference = MochiPipeline.from_pretrained(DEMO_MODEL_DIR, torch_dtype=torch.float32)
     kw = dict(seed=3, num_inference_steps=2, output_type="latent", progress=False)
     assert torch.equal(pipe("a red ball moving up", **kw).frames, reference("a red ball moving up", **kw).frames)
+
+
+def test_the_demo_model_warns_about_prompts_outside_its_world():
+    from mochi_preview.demo.vocabulary import DEMO_PROMPT
+
+    pipe = MochiPipeline.from_pretrained(DEMO_MODEL_DIR, torch_dtype=torch.float32)
+    kw = dict(seed=0, num_inference_steps=1, output_type="latent", progress=False)
+    with pytest.warns(UserWarning, match=r"circle, ball, disc, square, box") as caught:
+        pipe("Close-up of a chameleon's eye, with its scaly skin changing color.", **kw)
+    assert caught[0].filename == __file__  # pointed at the caller's line
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pipe(DEMO_PROMPT, **kw)  # a prompt the demo model draws: no warning

@@ -586,6 +586,11 @@ class MochiPipeline(LoraMixin):
         s, sigmas, pixels = self._settings(r)
         embeds, neg_embeds = r["prompt_embeds"], r["negative_prompt_embeds"]
         prompts = None if embeds is not None else ([s.prompt] if isinstance(s.prompt, str) else list(s.prompt))
+        if self.is_demo and prompts:  # the demo model knows one small world: say so when a prompt is outside it
+            from .demo.vocabulary import prompt_warning
+
+            for message in dict.fromkeys(filter(None, map(prompt_warning, prompts))):
+                warnings.warn(message, UserWarning, stacklevel=_user_stacklevel())
         batch = len(prompts) if prompts is not None else embeds.shape[0]
         negative = s.negative_prompt
         negatives = [negative] * batch if isinstance(negative, str) else list(negative)
