@@ -783,31 +783,21 @@ class MochiPipeline(LoraMixin):
 
                     dit, batch_cfg = CFGParallelDiT(dit, self.cp), True  # each half of the ranks runs one branch
                     self.last_batch_cfg = True
+                sampler, per_frame = denoise, {}
                 if request.per_frame is not None:  # Pusa: every latent frame at its own sigma
-                    frames, multiplier = request.per_frame
-                    return pusa.denoise_per_frame(
-                        dit,
-                        request.latents.to(self.device),
-                        request.sigmas[: steps + 1],
-                        request.cond,
-                        request.uncond,
-                        request.guidance,
-                        frames,
-                        multiplier,
-                        batch_cfg=batch_cfg,
-                        callback=after,
-                        dit_hook=dit_hook,
-                    )
-                return denoise(
+                    sampler = pusa.denoise_per_frame
+                    per_frame = dict(zip(("cond_frames", "noise_multiplier"), request.per_frame, strict=True))
+                return sampler(
                     dit,
                     request.latents.to(self.device),
                     request.sigmas[: steps + 1],
                     request.cond,
                     request.uncond,
                     request.guidance,
-                    batch_cfg,
+                    batch_cfg=batch_cfg,
                     callback=after,
                     dit_hook=dit_hook,
+                    **per_frame,
                 )
         except _Interrupted as stop:
             return stop.latents
