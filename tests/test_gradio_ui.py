@@ -420,3 +420,13 @@ def test_page_generates_cancels_and_generates_again_in_chromium(ui_server):
         print(f"closing the tab: {last}")  # the unload event cancels it, or the watchdog sees its page gone
         assert last.startswith(("Cancelled at step", "Stopped at step")) and last.endswith("nothing was written")
         assert len(set(out.iterdir()) - before) == 2
+
+
+def test_without_gradio_the_ui_says_which_setup_option_installs_it():
+    import subprocess
+
+    blocked = "import sys, runpy; sys.modules['gradio'] = None; "  # as if gradio were not installed
+    code = blocked + "runpy.run_module('mochi_preview.gradio_ui', run_name='__main__')"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "the web UI needs gradio: install it with `bash scripts/setup.sh --ui`" in proc.stderr

@@ -29,7 +29,13 @@ from pathlib import Path
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before importing gradio: no calls home
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import gradio as gr  # noqa: E402
+try:
+    import gradio as gr
+except ModuleNotFoundError as e:  # an optional dependency: say which set-up option installs it
+    if e.name != "gradio":
+        raise
+    print("error: the web UI needs gradio: install it with `bash scripts/setup.sh --ui`", file=sys.stderr)
+    raise SystemExit(2) from None
 import torch  # noqa: E402
 
 from . import infer  # noqa: E402
