@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 import pytest
-from model_folders import save_diffusers_model, save_native_model
+from model_folders import save_diffusers_model
 
 from mochi_preview import outputs
 from mochi_preview.demo.vocabulary import DEMO_PROMPT, prompt_warning
@@ -17,11 +17,6 @@ from mochi_preview.settings import DEFAULT_PROMPT
 from mochi_preview.video import read_video, stream_digest
 
 SMALL = ["--width", "48", "--height", "32", "--num_frames", "13", "--num_steps", "3", "--dtype", "fp32", "--quiet"]
-
-
-@pytest.fixture(scope="module")
-def native_dir(tmp_path_factory):
-    return save_native_model(tmp_path_factory.mktemp("native"))
 
 
 def run(*args):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from model_folders import save_native_model
 
 from mochi_preview import MochiPipeline
 from mochi_preview.pipeline import DeviceMemoryError, NonFiniteLatentsError
@@ -13,16 +12,6 @@ from mochi_preview.sampling import DiTCall, TextCondition, get_noise, linear_qua
 
 SMALL = dict(height=32, width=48, num_frames=13, num_inference_steps=3, progress=False)
 NP = dict(SMALL, output_type="np")
-
-
-@pytest.fixture(scope="module")
-def native_dir(tmp_path_factory):
-    return save_native_model(tmp_path_factory.mktemp("native"))
-
-
-@pytest.fixture(scope="module")
-def pipe(native_dir):
-    return MochiPipeline.from_pretrained(native_dir, torch_dtype=torch.float32, device="cpu")
 
 
 def test_native_folder_generates_frames(pipe):

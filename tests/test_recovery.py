@@ -13,9 +13,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from model_folders import save_native_model
 
-from mochi_preview import MochiPipeline, pipeline
+from mochi_preview import pipeline
 from mochi_preview.infer import main
 from mochi_preview.latents_file import load_latents, save_latents
 from mochi_preview.pipeline import DecodeMemoryError, initial_latents, release_memory
@@ -25,16 +24,6 @@ from mochi_preview.video import read_video
 
 SMALL = dict(height=32, width=48, num_frames=13, num_inference_steps=3, progress=False)
 CLI_SMALL = ["--width", "48", "--height", "32", "--num_frames", "13", "--num_steps", "3", "--dtype", "fp32", "--quiet"]
-
-
-@pytest.fixture(scope="module")
-def native_dir(tmp_path_factory):
-    return save_native_model(tmp_path_factory.mktemp("native"))
-
-
-@pytest.fixture(scope="module")
-def pipe(native_dir):
-    return MochiPipeline.from_pretrained(native_dir, torch_dtype=torch.float32, device="cpu")
 
 
 @pytest.fixture

@@ -1,0 +1,17 @@
+"""Fixtures shared by the test modules: a tiny random model in the native layout, and a pipeline over it."""
+
+import pytest
+import torch
+from model_folders import save_native_model
+
+from mochi_preview import MochiPipeline
+
+
+@pytest.fixture(scope="module")
+def native_dir(tmp_path_factory):
+    return save_native_model(tmp_path_factory.mktemp("native"))
+
+
+@pytest.fixture(scope="module")
+def pipe(native_dir):
+    return MochiPipeline.from_pretrained(native_dir, torch_dtype=torch.float32, device="cpu")
