@@ -19,6 +19,7 @@ import sys
 import time
 import traceback
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -342,6 +343,141 @@ def stage_compile(args) -> dict:
     }
 
 
+# ---- issue 18 §6: the DiT forward per attention backend, the VAE decode at 163 frames -------------------------------
+
+DIT_FRAMES = (31, 163)
+DIT_DEPTHS = (1, 2)  # per-block time = t(2) - t(1); a 48-block forward = t(1) + 47 x that
+
+
+def estimate():
+    """bench/estimate_h100.py as a module (its figures go beside the measured ones)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import estimate_h100
+
+    return estimate_h100
+
+
+def attention_variants(cpu: bool) -> list[tuple[str, str, object]]:
+    """(label, package backend, SDPA kernel or None) for every attention path this machine has."""
+    from torch.nn.attention import SDPBackend
+
+    from mochi_preview.dit.attention import available_backends
+
+    if cpu:
+        return [("sdpa (CPU)", "sdpa", None)]
+    out = [(f"sdpa {k.name.lower()}", "sdpa", k) for k in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                                                          SDPBackend.CUDNN_ATTENTION)]  # fmt: skip
+    out += [(b, b, None) for b in available_backends() if b in ("flash", "sage")]
+    return out
+
+
+def timed(fn, device: torch.device, repeats: int = 2, warmup: bool = True) -> float:
+    """Median seconds of `fn()` (after one warm-up call), the device synchronised around each call."""
+    if warmup:
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def stage_dit(args) -> dict:
+    """The published-width DiT forward (B = 1, cond) at 848x480 x 31 and 163 frames with 1 and 2 blocks, per attention
+    path: seconds per block, a 48-block forward and a 64-step CFG run extrapolated, TFLOP/s against the FLOP count,
+    peak memory; beside bench/estimate_h100.py's range for the same forward."""
+    from contextlib import nullcontext
+
+    from torch.nn.attention import sdpa_kernel
+
+    from mochi_preview.configs import CONFIGS
+    from mochi_preview.dit import AsymmDiT
+
+    est, device = estimate(), device_of(args.cpu)
+    published = CONFIGS["tiny" if args.cpu else "mochi-1-preview"].dit
+    dtype = torch.float32 if args.cpu else torch.bfloat16
+    hw = (4, 6) if args.cpu else (480 // 8, 848 // 8)
+    frames_list = (7, 13) if args.cpu else DIT_FRAMES
+    valid = est.TEXT_VALID
+    rows = []
+    models = {}
+    for depth in DIT_DEPTHS:
+        with torch.device(device):
+            models[depth] = randomize(AsymmDiT(replace(published, depth=depth))).to(dtype).eval()
+    for frames in frames_list:
+        t = (frames - 1) // 6 + 1
+        g = torch.Generator().manual_seed(frames)
+        x = torch.randn(1, published.in_channels, t, *hw, generator=g).to(device, dtype)
+        feats = torch.randn(1, 256, published.text_dim, generator=g).to(device, dtype)
+        mask = torch.zeros(1, 256, dtype=torch.bool, device=device)
+        mask[0, :valid] = True
+        sigma = torch.tensor([0.6], device=device)
+        n = t * hw[0] * hw[1] // published.patch_size**2
+        for label, backend, kernel in attention_variants(args.cpu):
+            row = {"frames": frames, "tokens": n, "attention": label}
+            try:
+                seconds = {}
+                for depth, model in models.items():
+                    model.set_attention(backend)
+                    reset_peak(device)
+                    with torch.inference_mode(), sdpa_kernel([kernel]) if kernel is not None else nullcontext():
+                        seconds[depth] = timed(partial(model, x, sigma, feats, mask), device)
+                    row[f"peak_{depth}"] = peak(device)
+                per_block = max(seconds[2] - seconds[1], 1e-9)
+                forward48 = seconds[1] + (published.depth - 1) * per_block
+                flops = est.dit_forward_flops(replace(published, depth=1), n, valid)
+                block_flops = sum(flops.values()) - flops["other"]
+                row.update(s_block=per_block, s_forward_48=forward48, min_video=128 * forward48 / 60,
+                           tflops=block_flops / per_block / 1e12)  # fmt: skip
+            except Exception as e:  # a kernel this GPU or shape does not take: recorded, the others still run
+                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:160]
+            rows.append(row)
+    estimates = {}
+    if not args.cpu:
+        for frames in frames_list:
+            n = est.visual_tokens(frames)
+            estimates[frames] = [est.dit_forward_seconds(est.DIT, n, valid, c) for c in (est.LOW, est.HIGH)]
+    return {"rows": rows, "estimate_s_forward": estimates, "dtype": str(dtype)}
+
+
+def stage_vae(args) -> dict:
+    """The published VAE decoder (random weights) decoding 163 frames at 848x480, streaming and tiled: seconds (one
+    cold call each: cuDNN's first-call planning included) and peak device memory, beside the estimate's decode time."""
+    from mochi_preview.vae import Decoder, DecoderConfig, decode
+
+    est, device = estimate(), device_of(args.cpu)
+    if args.cpu:
+        config, dtype, frames, hw = (
+            DecoderConfig(channels=(32,) * 4, num_res_blocks=(1,) * 5),
+            torch.float32,
+            13,
+            (4, 6),
+        )
+    else:
+        config, dtype, frames, hw = DecoderConfig(), torch.bfloat16, 163, (480 // 8, 848 // 8)
+    with torch.device(device):
+        decoder = randomize(Decoder(config)).to(dtype).eval()
+    z = torch.randn(1, 12, (frames - 1) // 6 + 1, *hw, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+    rows = []
+    for mode, kw in (("streaming", {"frames_per_chunk": 1}), ("tiled", {})):
+        reset_peak(device)
+        try:
+            with torch.inference_mode():
+                seconds = timed(partial(decode, decoder, z, mode=mode, **kw), device, repeats=1, warmup=False)
+            rows.append({"mode": mode, "seconds": seconds, "peak": peak(device)})
+        except torch.OutOfMemoryError as e:
+            rows.append({"mode": mode, "error": f"out of memory: {str(e).splitlines()[0]}"[:160]})
+    estimate_s = {} if args.cpu else {
+        p: [est.vae_seconds(est.DECODER, frames, p, c) for c in (est.LOW, est.HIGH)] for p in ("full", "tiled")
+    }  # fmt: skip
+    return {"frames": frames, "rows": rows, "estimate_s": estimate_s}
+
+
 # ---- the report --------------------------------------------------------------------------------------------------
 
 
@@ -378,9 +514,51 @@ def stage_report(args) -> None:
             except (KeyError, TypeError, ValueError):  # a result this report does not know how to read: as it is
                 text = json.dumps(r, default=str)
             print(f"| {name} | {text.replace('|', chr(92) + '|')} |")
+    for r in by.get("dit", []):
+        print(_dit(r) if r.get("ok") else f"\nDiT forward: FAILED: {r.get('error', '?')}")
+    for r in by.get("vae", []):
+        print(_vae(r) if r.get("ok") else f"\nVAE decode: FAILED: {r.get('error', '?')}")
     for r in rows:
-        if r["stage"] not in ("env", "mode", "noise", "oom", "compile", "models") and not r.get("ok"):
+        if r["stage"] not in ("env", "mode", "noise", "oom", "compile", "models", "dit", "vae") and not r.get("ok"):
             print(f"| {r['stage']} | {r.get('error', 'failed')} |")
+
+
+def _dit(r) -> str:
+    lines = [f"\nDiT forward at the published width ({r['dtype']}, B = 1, 40 valid text tokens; the tiny model in a "
+             "dry run), per attention path; the whole depth and the 64-step CFG video (128 forwards) extrapolated "
+             "from 1 and 2 blocks:\n",
+             "| frames | tokens | attention | s / block | s / forward (all blocks) | estimate s / forward "
+             "| min / video | TFLOP/s (blocks) | peak GiB (1 / 2 blocks) |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for row in r["rows"]:
+        est = r.get("estimate_s_forward", {}).get(str(row["frames"]))  # JSON keys are strings
+        est_text = f"{est[0]:.2f}–{est[1]:.2f}" if est else "-"
+        if "error" in row:
+            lines.append(
+                f"| {row['frames']} | {row['tokens']} | {row['attention']} | {row['error']} | | {est_text} | | | |"
+            )
+            continue
+        lines.append(f"| {row['frames']} | {row['tokens']} | {row['attention']} | {row['s_block']:.4f} | "
+                     f"{row['s_forward_48']:.2f} | {est_text} | {row['min_video']:.1f} | {row['tflops']:.0f} | "
+                     f"{gib(row.get('peak_1'))} / {gib(row.get('peak_2'))} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def _vae(r) -> str:
+    est = r.get("estimate_s", {})
+    lines = [f"\nVAE decode of {r['frames']} frames (published decoder, random weights; estimate: full "
+             f"{_range(est.get('full'))} s, tiled {_range(est.get('tiled'))} s):\n",
+             "| mode | seconds | peak GiB |", "|---|---|---|"]  # fmt: skip
+    for row in r["rows"]:
+        if "error" in row:
+            lines.append(f"| {row['mode']} | {row['error']} | |")
+        else:
+            lines.append(f"| {row['mode']} | {row['seconds']:.1f} | {gib(row.get('peak'))} |")
+    return "\n".join(lines)
+
+
+def _range(pair) -> str:
+    return f"{pair[0]:.1f}–{pair[1]:.1f}" if pair else "-"
 
 
 def _noise(r) -> str:
@@ -420,6 +598,8 @@ STAGES = {
     "noise": stage_noise,
     "oom": stage_oom,
     "compile": stage_compile,
+    "dit": stage_dit,
+    "vae": stage_vae,
 }
 
 

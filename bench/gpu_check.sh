@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The issue-22 points a lent GPU can show, as one command with a hard wall-clock cap; prints a markdown report.
 #
-#   bash bench/gpu_check.sh                 on a CUDA machine (about 7 minutes at most, GPU_CHECK_SECONDS=460)
+#   bash bench/gpu_check.sh                 on a CUDA machine (8 minutes at most, GPU_CHECK_SECONDS=480)
 #   bash bench/gpu_check.sh --dry-run       the same Python on this CPU at toy sizes (also: --cpu), about a minute
 #
 # Installs nothing beyond `bash scripts/setup.sh --dev` when .venv is missing. Builds random models in the real
 # layouts (no real weights needed), then runs each stage of bench/gpu_check.py in its own process under `timeout`:
+# the published-width DiT forward per attention backend at 31 and 163 frames (1 and 2 blocks, extrapolated to 48,
+# TFLOP/s, peak memory, beside bench/estimate_h100.py), the published VAE decoding 163 frames (streaming, tiled),
 # the memory modes (resident, model, sequential: peak device memory while loading and sampling, s/step, bytes moved,
 # attention backend), noise from a CUDA generator, a decode forced out of memory with
 # torch.cuda.set_per_process_memory_fraction (recovered, or the latents written and decoded by --decode_latents),
@@ -24,7 +26,7 @@ for arg in "$@"; do
     *) echo "gpu_check.sh: unknown option $arg (valid: --dry-run, --cpu)" >&2; exit 2 ;;
   esac
 done
-if [ "$CPU" = 1 ]; then TOTAL=${GPU_CHECK_SECONDS:-240}; else TOTAL=${GPU_CHECK_SECONDS:-460}; fi
+if [ "$CPU" = 1 ]; then TOTAL=${GPU_CHECK_SECONDS:-600}; else TOTAL=${GPU_CHECK_SECONDS:-480}; fi
 RESERVE=15  # seconds kept for the report
 
 left() { echo $((TOTAL - ($(date +%s) - START) - RESERVE)); }
@@ -64,12 +66,14 @@ stage() {
 
 # seconds per stage: on the GPU they add up to more than the cap on purpose (each is a ceiling, most finish early)
 if [ "$CPU" = 1 ]; then
-  T_ENV=20 T_MODELS=60 T_MODE=40 T_NOISE=40 T_OOM=60 T_COMPILE=40
+  T_ENV=60 T_MODELS=90 T_DIT=90 T_VAE=90 T_MODE=90 T_NOISE=60 T_OOM=90 T_COMPILE=90  # generous: a loaded CI machine
 else
-  T_ENV=30 T_MODELS=90 T_MODE=60 T_NOISE=40 T_OOM=80 T_COMPILE=90
+  T_ENV=30 T_MODELS=90 T_DIT=90 T_VAE=90 T_MODE=60 T_NOISE=40 T_OOM=80 T_COMPILE=90
 fi
 stage env "$T_ENV" env
 stage models "$T_MODELS" models
+stage dit "$T_DIT" dit
+stage vae "$T_VAE" vae
 stage resident "$T_MODE" mode --memory resident
 stage model "$T_MODE" mode --memory model
 stage sequential "$T_MODE" mode --memory sequential
