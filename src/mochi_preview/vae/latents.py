@@ -60,25 +60,34 @@ def denormalize_latents(z: torch.Tensor, mean=None, std=None) -> torch.Tensor:
 
 
 def load_latent_stats(folder) -> tuple[list[float], list[float]] | None:
-    """A model folder's own normalization constants (`latent_stats.json`: "mean" and "std" lists), if it has them."""
+    """A model folder's own normalization constants, if it has them: `latent_stats.json` ("mean" and "std" lists),
+    else a diffusers folder's `vae/config.json` (`latents_mean`, `latents_std`), as diffusers' pipeline reads them."""
     import json
     from pathlib import Path
 
-    path = Path(folder) / "latent_stats.json"
-    if not path.is_file():
+    own, diffusers = Path(folder) / "latent_stats.json", Path(folder) / "vae" / "config.json"
+    if own.is_file():
+        path, keys = own, ("mean", "std")
+    elif diffusers.is_file():
+        path, keys = diffusers, ("latents_mean", "latents_std")
+    else:
         return None
     try:
         stats = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
-    expected = f'{{"mean": [{len(LATENTS_MEAN)} numbers], "std": [{len(LATENTS_STD)} positive numbers]}}'
-    if not isinstance(stats, dict) or (missing := [k for k in ("mean", "std") if k not in stats]):
+    if path == diffusers and not (isinstance(stats, dict) and all(k in stats for k in keys)):
+        return None  # a VAE config without statistics: the published ones apply
+    expected = f'{{"{keys[0]}": [{len(LATENTS_MEAN)} numbers], "{keys[1]}": [{len(LATENTS_STD)} positive numbers]}}'
+    if not isinstance(stats, dict) or (missing := [k for k in keys if k not in stats]):
         raise ValueError(f"{path}: missing key {missing[0]!r} (expected {expected})" if isinstance(stats, dict)
                          else f"{path}: expected an object {expected}")  # fmt: skip
     try:
-        mean, std = [float(x) for x in stats["mean"]], [float(x) for x in stats["std"]]
+        mean, std = [float(x) for x in stats[keys[0]]], [float(x) for x in stats[keys[1]]]
     except (TypeError, ValueError):
-        raise ValueError(f"{path}: 'mean' and 'std' must be lists of numbers (expected {expected})") from None
+        raise ValueError(
+            f"{path}: {keys[0]!r} and {keys[1]!r} must be lists of numbers (expected {expected})"
+        ) from None
     if len(mean) != len(LATENTS_MEAN) or len(std) != len(LATENTS_STD) or min(std) <= 0:
         raise ValueError(f"{path}: expected {expected}; got {len(mean)} means and {len(std)} stds")
     return mean, std
