@@ -230,6 +230,151 @@ def run_offload() -> dict:
     return out
 
 
+# ---- pixel inputs and LoRAs on several ranks ---------------------------------------------------------------------
+
+PROMPT = "a red ball"
+SMALL = dict(width=48, height=32, seed=3, progress=False)  # the tiny model's smallest size: 6 x 4 latent tokens
+
+
+def pixel_inputs() -> dict[str, dict]:
+    """An image, a video to redraw and a video to extend (random frames, the tiny model's size) as call arguments."""
+    g = torch.Generator().manual_seed(7)
+    frames = lambda t: torch.randint(0, 256, (t, 32, 48, 3), generator=g, dtype=torch.uint8).numpy()  # noqa: E731
+    image, video, longer = frames(1)[0], frames(13), frames(19)
+    steps = dict(num_inference_steps=2)
+    return {
+        "image": dict(image=image, num_frames=13, **steps),
+        "image_guide": dict(image=image, image_mode="guide", image_release=0.5, num_frames=13, **steps),
+        "video": dict(video=video, strength=0.6, **steps),
+        "extend": dict(extend=longer, num_frames=13, **steps),
+    }
+
+
+def make_lora(folder, path) -> str:
+    """A random LoRA on every attention projection of the tiny model in `folder`, strong enough to change a video."""
+    from mochi_preview.dit import load_dit
+    from mochi_preview.lora import GENMO_TARGETS, save_lora_native
+
+    dit = load_dit(folder, dtype=torch.float32)
+    g = torch.Generator().manual_seed(5)
+    layers = {}
+    for i, block in enumerate(dit.blocks):
+        for target in GENMO_TARGETS:
+            layer = getattr(block.attn, target, None)
+            if layer is not None:
+                A = torch.randn(2, layer.in_features, generator=g) * 0.2
+                layers[f"blocks.{i}.attn.{target}"] = (A, torch.randn(layer.out_features, 2, generator=g) * 0.2)
+    return str(save_lora_native(path, layers, rank=2, alpha=2.0))
+
+
+def generate(pipe, name: str, inputs: dict, output_type: str = "latent", **kw) -> torch.Tensor:
+    return torch.as_tensor(pipe(PROMPT, output_type=output_type, **SMALL, **inputs[name], **kw).frames)
+
+
+def conditioned(pipe, **kw) -> dict:
+    """What `run_conditioning` computes with one pipeline, under the names the test compares (`kw`: call options)."""
+    inputs = pixel_inputs()
+    out = {name: generate(pipe, name, inputs, **kw) for name in inputs}
+    out["extend/frames"] = generate(pipe, "extend", inputs, "np", **kw)  # the input, then the new frames
+    return out
+
+
+def pusa_conditioned(pipe, **kw) -> dict:
+    """A Pusa V0.5 model's image to video and extension (per-frame sigmas), under the names the test compares."""
+    inputs = pixel_inputs()
+    return {f"pusa {name}": generate(pipe, name, inputs, **kw) for name in ("image", "extend")}
+
+
+def with_loras(pipe, lora: str, **kw) -> dict:
+    """What `run_lora` computes with one pipeline: a live LoRA (also under an image), fused, unfused (live again),
+    unloaded."""
+    inputs = pixel_inputs()
+    out = {"none": generate(pipe, "video", inputs, **kw)}
+    pipe.load_lora_weights(lora, strength=0.8)
+    out["live"] = generate(pipe, "video", inputs, **kw)
+    out["live, image"] = generate(pipe, "image", inputs, **kw)
+    pipe.fuse_lora()
+    out["fused"] = generate(pipe, "video", inputs, **kw)
+    pipe.unfuse_lora()
+    out["unfused"] = generate(pipe, "video", inputs, **kw)
+    pipe.unload_lora_weights()
+    out["unloaded"] = generate(pipe, "video", inputs, **kw)
+    return out
+
+
+def fp8_live(pipe, lora: str, **kw) -> dict:
+    """fp8 weights take a LoRA live only: the video with it, and what fusing it says (nothing changed by that)."""
+    inputs = pixel_inputs()
+    pipe.load_lora_weights(lora, strength=0.8)
+    out = {"fp8 live": generate(pipe, "video", inputs, **kw)}
+    try:
+        pipe.fuse_lora()
+    except ValueError as e:
+        out["fp8 fuse refused"] = str(e)
+    out["fp8 live after refusal"] = generate(pipe, "video", inputs, **kw)
+    return out
+
+
+def load_pipeline(folder=None, **kwargs):
+    """The tiny model in `folder` (default: $MOCHI_TEST_MODEL) in fp32 on the CPU."""
+    from mochi_preview import MochiPipeline
+
+    folder = folder or os.environ["MOCHI_TEST_MODEL"]
+    return MochiPipeline.from_pretrained(folder, torch_dtype=torch.float32, device="cpu", **kwargs)
+
+
+# The layouts of 2 ranks compared with one process: CFG halves (one branch per rank: the one-process code path,
+# bitwise equal to it unbatched) and the tokens split (fp32 rounding); with the DiT's blocks sharded or not.
+LAYOUTS = {
+    "cfg": dict(cfg_parallel=True),
+    "tokens": dict(cfg_parallel=False),
+    "cfg, sharded": dict(cfg_parallel=True, shard_dit=True),
+    "tokens, sharded": dict(cfg_parallel=False, shard_dit=True),
+}
+
+
+def run_conditioning() -> dict:
+    """Image to video (replace and guide), video to video and extension on 2 ranks: CFG halves, sharded tokens; and
+    a Pusa model's (the tiny model under Pusa's file name, $MOCHI_TEST_PUSA)."""
+    out = {}
+    for layout in ("cfg", "tokens, sharded"):
+        out[layout] = conditioned(load_pipeline(context_parallel=True, **LAYOUTS[layout]))
+        pusa = load_pipeline(os.environ["MOCHI_TEST_PUSA"], context_parallel=True, **LAYOUTS[layout])
+        out[layout] |= pusa_conditioned(pusa)
+    return out
+
+
+def run_lora() -> dict:
+    """LoRAs on 2 ranks with sharded blocks, CFG halves or split tokens (file: $MOCHI_TEST_LORA); also one fused
+    before the blocks were sharded, one under model CPU offload (device stand-in), and one live on fp8 weights."""
+    from mochi_preview.distributed import is_sharded
+    from mochi_preview.dit import load_dit
+    from mochi_preview.offload import LedgerMover
+
+    lora = os.environ["MOCHI_TEST_LORA"]
+    out = {
+        layout: with_loras(load_pipeline(context_parallel=True, **LAYOUTS[layout]), lora)
+        for layout in ("cfg, sharded", "tokens, sharded")
+    }
+    pipe = load_pipeline()
+    pipe.load_lora_weights(lora, strength=0.8)
+    pipe.fuse_lora()
+    pipe.enable_context_parallel(cfg_parallel=False, shard_dit=True)  # fused on every rank, then sharded
+    inputs = pixel_inputs()
+    out["fused, then sharded"] = {"fused": generate(pipe, "video", inputs)}
+    pipe.unfuse_lora()
+    out["fused, then sharded"]["unfused"] = generate(pipe, "video", inputs)
+    pipe = load_pipeline(context_parallel=True, shard_dit=True)
+    pipe.set_memory_mode("model", mover=LedgerMover(2**34))
+    out["model offload, sharded"] = with_loras(pipe, lora)
+    given = load_pipeline(transformer=load_dit(os.environ["MOCHI_TEST_MODEL"], dtype=torch.float32), shard_dit=True,
+                          context_parallel=True)  # fmt: skip
+    out["a given transformer, sharded"] = {"sharded": is_sharded(given.dit), "video": generate(given, "video", inputs)}
+    fp8 = load_pipeline(context_parallel=True, cfg_parallel=False, shard_dit=True, fp8="tensor")
+    out["fp8, tokens, sharded"] = fp8_live(fp8, lora)
+    return out
+
+
 def run_disagreement() -> dict:
     """Ranks that pass different settings, or hold different models: every rank refuses (none waits forever)."""
     rank, out = dist.get_rank(), {}
@@ -260,6 +405,8 @@ SCENARIOS = {
     "device": run_device,
     "offload": run_offload,
     "disagree": run_disagreement,
+    "conditioning": run_conditioning,
+    "lora": run_lora,
 }
 
 

@@ -9,21 +9,31 @@ of a CPU generator and guidance; where it does not, Genmo's numbers win and the 
   data in tests/vae.
 - several prompts x `num_videos_per_prompt` > 1: diffusers repeats the embeddings per prompt but the masks per batch,
   so a video can get another prompt's mask; ours keeps each prompt's mask with its embeddings.
+- `callback_on_step_end`'s prompt_embeds under guidance: diffusers passes [negative; positive] as one tensor; ours
+  passes each half under its own name (prompt_embeds, negative_prompt_embeds) and takes back either form.
+- saving: diffusers' DiT sizes its MLPs as 8 * width // 3 where Genmo rounds up to a multiple of 256 (equal at the
+  published sizes); a model whose widths differ is saved in diffusers' layout with a warning that only ours loads it.
 """
 
 from __future__ import annotations
 
+import json
 import runpy
 import shutil
+import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from dit_fixtures import diffusers_transformer
-from model_folders import diffusers_vae, save_diffusers_model
+from model_folders import diffusers_vae, save_diffusers_model, save_native_model
 
 from mochi_preview import MochiPipeline
+from mochi_preview.dit import save_dit_native
+from mochi_preview.lora import save_lora_native
 from mochi_preview.tiny import DEMO_MODEL_DIR, save_tiny_t5_diffusers_layout
+from mochi_preview.vae import load_vae_encoder
 from mochi_preview.video import read_video
 
 SCRIPTS = Path(__file__).parent / "diffusers_scripts"
@@ -136,6 +146,41 @@ def test_callback_timesteps_and_interrupt_as_diffusers(ours, theirs):
     assert ours("a cat", generator=generators(1), **SIZE).frames.shape == a.shape and not ours.interrupt
 
 
+def test_callback_replacing_the_embeddings_steers_the_next_steps_as_diffusers(ours, theirs):
+    """diffusers' loop holds [negative; positive] as one prompt_embeds under guidance; ours passes and takes each
+    half under its own name, and takes diffusers' batch too. The loop's masks stay (diffusers' too)."""
+    pos2, _, neg2, _ = ours.encode_prompt("a blue cube", negative_prompt="dark")
+
+    def at(step: int, **replacement):
+        return lambda pipe, i, t, kwargs: replacement if i == step else {}
+
+    def run(pipe, callback=None, **kw):
+        return pipe("a red ball", negative_prompt="blurry", generator=generators(4), callback_on_step_end=callback,
+                    **SIZE, **kw).frames  # fmt: skip
+
+    plain = run(ours, batch_cfg=False)
+    both = run(ours, at(1, prompt_embeds=pos2, negative_prompt_embeds=neg2), batch_cfg=False)
+    theirs_both = run(theirs, at(1, prompt_embeds=torch.cat([neg2, pos2])))
+    assert rel_err(both, theirs_both) < 1e-5 and rel_err(both, plain) > 1e-3
+    batched = run(ours, at(1, prompt_embeds=torch.cat([neg2, pos2])), batch_cfg=True)  # diffusers' batch, taken
+    assert rel_err(batched, theirs_both) < 1e-5
+
+
+def test_callback_returning_embeddings_of_the_wrong_shape_is_refused_by_name(ours):
+    def returning(**out):
+        return lambda pipe, i, t, kwargs: out
+
+    short = torch.zeros(1, 10, 64)
+    expected = r"returned prompt_embeds shaped \(1, 10, 64\); the loop's prompt_embeds are \(1, 256, 64\) \(or "
+    with pytest.raises(ValueError, match=expected + r"\(2, 256, 64\): diffusers' \[negative; positive\] batch\)"):
+        ours("a cat", callback_on_step_end=returning(prompt_embeds=short), **SIZE)
+    with pytest.raises(ValueError, match=r"returned negative_prompt_embeds shaped \(2, 256, 64\); the loop's "
+                                         r"negative_prompt_embeds are \(1, 256, 64\) \(videos"):  # fmt: skip
+        ours("a cat", callback_on_step_end=returning(negative_prompt_embeds=torch.zeros(2, 256, 64)), **SIZE)
+    with pytest.raises(ValueError, match="returned negative_prompt_embeds, but this generation runs without guidance"):
+        ours("a cat", callback_on_step_end=returning(negative_prompt_embeds=short), **{**SIZE, "guidance_scale": 1.0})
+
+
 def test_frame_count_that_is_not_6k_plus_1_gives_diffusers_frames_with_a_warning(ours, theirs):
     kw = {**SIZE, "num_frames": 84, "num_inference_steps": 2}  # diffusers divides by zero at 1 step
     with pytest.warns(UserWarning, match=r"num_frames=84 is not of the form 6k\+1; generating 79 .*\[79, 85\]"):
@@ -192,6 +237,112 @@ def test_save_pretrained_writes_diffusers_layout_that_both_load(ours, theirs, tm
     again.set_progress_bar_config(disable=True)
     assert torch.equal(again("a cat", generator=generators(1), **SIZE).frames,
                        ours("a cat", generator=generators(1), **SIZE).frames)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def native_dir(tmp_path_factory, diffusers_dir):
+    """A native folder (dit/decoder/encoder.safetensors, t5/) whose DiT diffusers can describe: the diffusers
+    fixture's DiT in the native layout (the native tiny DiT's MLP widths are not diffusers' 8 * width // 3)."""
+    folder = save_native_model(tmp_path_factory.mktemp("native"))
+    (folder / "dit.safetensors").unlink()
+    save_dit_native(folder / "dit.safetensors", diffusers_dir / "transformer")
+    return folder
+
+
+def native_pipe(folder: Path) -> MochiPipeline:
+    pipe = MochiPipeline.from_pretrained(folder, torch_dtype=torch.float32, device="cpu")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def genmo_order_decode(vae, z: torch.Tensor) -> torch.Tensor:
+    """diffusers' decoder modules run as Genmo's decoder runs: each upsampling block's first st - 1 frames dropped
+    at once (diffusers' own decode drops 5 frames at the end instead: not the same function, spec section 12)."""
+    d = vae.decoder
+    x, _ = d.block_in(d.conv_in(z))
+    for up in d.up_blocks:
+        x, _ = up(x)
+        x = x[:, :, up.temporal_expansion - 1 :]
+    x, _ = d.block_out(x)
+    return d.proj_out(d.nonlinearity(x).permute(0, 2, 3, 4, 1)).permute(0, 4, 1, 2, 3)
+
+
+def test_save_pretrained_of_a_native_folder_is_diffusers_layout_that_both_load(native_dir, theirs, tmp_path):
+    """Here in the bf16 variant's names (the demo model's test below: the plain names)."""
+    from diffusers import AutoencoderKLMochi, MochiTransformer3DModel
+
+    pipe = native_pipe(native_dir)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing diffusers cannot load
+        out = pipe.save_pretrained(tmp_path / "saved", variant=(variant := "bf16"))
+    files = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and "tokenizer" not in p.parts}
+    weights = "diffusion_pytorch_model.bf16.safetensors"
+    assert files == {f"transformer/{weights}", "transformer/config.json", f"vae/{weights}", "vae/config.json",
+                     "text_encoder/model.bf16.safetensors", "text_encoder/config.json",
+                     "scheduler/scheduler_config.json", "model_index.json", "mochi_defaults.json"}  # fmt: skip
+    # ours reads it back: the same latents and frames, bit for bit
+    again = MochiPipeline.from_pretrained(out, variant=variant, torch_dtype=torch.float32, device="cpu")
+    again.set_progress_bar_config(disable=True)
+    latents = [p("a cat", generator=generators(1), **SIZE).frames for p in (pipe, again)]
+    assert torch.equal(*latents)
+    assert np.array_equal(*(p.decode(z, "np") for p, z in zip((pipe, again), latents)))
+    # diffusers reads it: every tensor in place, the DiT exactly diffusers' fixture, the VAE the same functions
+    transformer, info = MochiTransformer3DModel.from_pretrained(
+        out / "transformer", variant=variant, output_loading_info=True
+    )
+    assert not any(info.values())
+    original = theirs.transformer.state_dict()
+    assert all(torch.equal(transformer.state_dict()[k], v) for k, v in original.items())
+    vae, info = AutoencoderKLMochi.from_pretrained(out / "vae", variant=variant, output_loading_info=True)
+    assert not any(info.values()) and list(vae.config.latents_mean) == list(pipe.vae.config.latents_mean)
+    video = torch.rand(1, 3, 13, 32, 48, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        moments, _ = vae.encoder(video)
+        mean, logvar = load_vae_encoder(native_dir)(video)
+        assert rel_err(torch.cat([mean, logvar], dim=1), moments) < 1e-5
+        z = torch.randn(1, 12, 3, 4, 6, generator=torch.Generator().manual_seed(1))
+        ours = pipe.vae.decode(z).sample
+        assert rel_err(ours, genmo_order_decode(vae, z).clamp(-1, 1)) < 1e-5
+        assert vae.decode(z).sample.shape == ours.shape == (1, 3, 13, 32, 48)
+
+
+def test_save_pretrained_of_the_demo_model_keeps_its_files_and_numbers(tmp_path):
+    """The demo's own latent statistics and defaults travel; its text MLP is wider than diffusers' formula, so
+    diffusers' DiT cannot load it (said once, when saving)."""
+    from diffusers import AutoencoderKLMochi
+
+    pipe = MochiPipeline.from_pretrained(DEMO_MODEL_DIR, device="cpu")
+    pipe.set_progress_bar_config(disable=True)
+    with pytest.warns(UserWarning, match=r"cannot load this model \(the text MLP is 512 wide where diffusers makes it "
+                                         r"8 \* 128 // 3 = 341\); MochiPipeline.from_pretrained here can"):  # fmt: skip
+        out = pipe.save_pretrained(tmp_path / "saved")
+    assert json.loads((out / "latent_stats.json").read_text()) == json.loads(
+        (DEMO_MODEL_DIR / "latent_stats.json").read_text()
+    )
+    vae, info = AutoencoderKLMochi.from_pretrained(out / "vae", output_loading_info=True)  # encoder included
+    assert not any(info.values()) and list(vae.config.latents_mean) == pipe.latent_stats[0]
+    again = MochiPipeline.from_pretrained(out, device="cpu")
+    again.set_progress_bar_config(disable=True)
+    assert again.defaults == pipe.defaults and again.latent_stats == pipe.latent_stats
+    kw = dict(generator=None, seed=3, num_inference_steps=2, output_type="np")  # the demo's size and length
+    a, b = (p("a red ball moving to the right", **kw).frames for p in (pipe, again))
+    assert a.shape == (1, 25, 64, 64, 3) and np.array_equal(a, b)
+
+
+def test_save_pretrained_writes_a_fused_lora_merged(native_dir, tmp_path):
+    pipe = native_pipe(native_dir)
+    base = pipe("a cat", generator=generators(2), **SIZE).frames
+    g, layers = torch.Generator().manual_seed(0), {}
+    for name in ("blocks.0.attn.qkv_x", "blocks.1.attn.proj_x"):
+        m = pipe.dit.get_submodule(name)
+        layers[name] = torch.randn(4, m.in_features, generator=g), torch.randn(m.out_features, 4, generator=g)
+    pipe.load_lora_weights(save_lora_native(tmp_path / "lora.safetensors", layers, rank=4, alpha=4.0))
+    with pytest.warns(UserWarning, match=r"LoRA adapters \['default_0'\] are applied live and are not saved"):
+        pipe.save_pretrained(tmp_path / "live")
+    pipe.fuse_lora()
+    fused = pipe("a cat", generator=generators(2), **SIZE).frames
+    again = native_pipe(pipe.save_pretrained(tmp_path / "fused"))
+    assert rel_err(fused, base) > 1e-3 and torch.equal(again("a cat", generator=generators(2), **SIZE).frames, fused)
 
 
 # ---- scripts written for diffusers ---------------------------------------------------------------------------

@@ -28,18 +28,26 @@ from distributed_worker import (
     FREE_MIB,
     PIPELINE_CALL,
     TILED,
+    conditioned,
+    fp8_live,
+    load_pipeline,
     make_decoder,
     make_dit,
     make_latents,
+    make_lora,
+    pusa_conditioned,
     reference,
     run,
+    with_loras,
 )
 from model_folders import save_native_model
+from PIL import Image
 
 from mochi_preview import distributed
 from mochi_preview.distributed import check_backend, check_compatible, default_device, init_distributed, resolve_device
 from mochi_preview.infer import main
 from mochi_preview.pipeline import MochiPipeline
+from mochi_preview.pusa import PUSA_DIT_FILE
 from mochi_preview.vae import decode, plan_decode
 from mochi_preview.vae.decode import DEFAULT_BUDGET_FRACTION
 from mochi_preview.video import read_video
@@ -124,23 +132,35 @@ def expected():
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """One launch per world size: sequence parallel, CFG parallel (even sizes), the split VAE decode (also "auto" with
-    a different free memory per rank), the device and memory-mode checks, then a failure.
+    a different free memory per rank), the device and memory-mode checks, (2 ranks) pixel inputs and LoRAs through
+    the pipeline, then a failure.
 
     With 2 ranks, rank 1 raises in the first block and exits; with 3, the same but its process lives on (only ranks
     0 and 2 are waited for); with 4, rank 1 raises in the second block of the sampler's second step and exits.
     """
     plan = {
-        2: (("dit", "dit_cfg", "vae", "vae_auto", "device", "offload", "disagree", "fail"), None),
+        2: (
+            ("dit", "dit_cfg", "vae", "vae_auto", "device", "offload", "disagree", "conditioning", "lora", "fail"),
+            None,
+        ),
         3: (("dit", "vae", "vae_auto", "fail_hang"), [0, 2]),
         4: (("dit_cfg", "fail_denoise"), None),
     }
-    model = save_native_model(tmp_path_factory.mktemp("model"))  # for the memory-mode checks (run_offload)
-    os.environ["MOCHI_TEST_MODEL"] = str(model)
+    model = save_native_model(tmp_path_factory.mktemp("model"))  # for the pipeline scenarios (memory modes, ...)
+    lora = make_lora(model, tmp_path_factory.mktemp("lora") / "lora.safetensors")
+    pusa = save_native_model(tmp_path_factory.mktemp("pusa"))
+    (pusa / "dit.safetensors").rename(pusa / PUSA_DIT_FILE)  # a Pusa V0.5 folder: per-frame sigmas
+    env = {"MOCHI_TEST_MODEL": str(model), "MOCHI_TEST_LORA": lora, "MOCHI_TEST_PUSA": str(pusa)}
+    os.environ.update(env)
     try:
-        done = {n: launch(tmp_path_factory.mktemp(f"world{n}"), n, *s, wait_for=w) for n, (s, w) in plan.items()}
-        return {**done, "model": model}
+        done = {
+            n: launch(tmp_path_factory.mktemp(f"world{n}"), n, *s, wait_for=w, timeout=300)
+            for n, (s, w) in plan.items()
+        }
+        return {**done, "model": model, "lora": lora, "pusa": pusa}
     finally:
-        del os.environ["MOCHI_TEST_MODEL"]
+        for name in env:
+            del os.environ[name]
 
 
 def results(run: dict, scenario: str) -> dict:
@@ -148,9 +168,9 @@ def results(run: dict, scenario: str) -> dict:
     return run["results"][scenario]
 
 
-def assert_close(got, want):
+def assert_close(got, want, rtol: float = RTOL):
     err = float((got - want).abs().max() / want.abs().max())
-    assert got.shape == want.shape and err <= RTOL, f"relative error {err:.2e}"
+    assert got.shape == want.shape and err <= rtol, f"relative error {err:.2e}"
 
 
 def check_dit(got: dict, want: dict):
@@ -292,6 +312,77 @@ def test_sequential_offload_and_sharding_refused_in_either_order(runs):
         assert unchanged, f"{order}: changed the pipeline before refusing"
 
 
+# ---- pixel inputs and LoRAs ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def one_process(runs):
+    """The worker's pipeline scenarios in this process, CFG branches unbatched as the CFG-parallel ranks run them."""
+    model, lora = runs["model"], runs["lora"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the ranks run: another thread count sums the matmuls in another order
+    try:
+        pusa = pusa_conditioned(load_pipeline(runs["pusa"]), batch_cfg=False)
+        return {
+            "conditioning": conditioned(load_pipeline(model), batch_cfg=False) | pusa,
+            "lora": with_loras(load_pipeline(model), lora, batch_cfg=False),
+            "fp8": fp8_live(load_pipeline(model, fp8="tensor"), lora, batch_cfg=False),
+        }
+    finally:
+        torch.set_num_threads(threads)
+
+
+def check_layout(layout: str, got: dict, want: dict, bitwise: bool) -> None:
+    """CFG halves of one rank each run the one-process code path: bitwise; split tokens: within fp32 rounding."""
+    assert got.keys() <= want.keys() and got, layout
+    for name, frames in got.items():
+        if bitwise:
+            assert torch.equal(frames, want[name]), f"{layout}: {name}"
+        else:  # decoded frames: the decoder amplifies the latents' rounding about tenfold
+            assert_close(frames, want[name], rtol=10 * RTOL if name.endswith("/frames") else RTOL)
+
+
+def test_image_video_and_extension_under_context_parallelism_equal_one_process(runs, one_process):
+    # 2 ranks: CFG halves (bitwise), and the tokens split with the DiT's blocks sharded. Image to video in both
+    # modes ("guide" is a dit_hook around the CFG-parallel DiT), video to video, extension (latents, and the
+    # decoded video that starts with the input's frames, decoded in time slices across the ranks); a Pusa model's
+    # image to video and extension (one sigma per latent frame).
+    got = results(runs[2], "conditioning")
+    assert set(got) == {"cfg", "tokens, sharded"}
+    want = one_process["conditioning"]
+    assert set(want) == {"image", "image_guide", "video", "extend", "extend/frames", "pusa image", "pusa extend"}
+    for layout, frames in got.items():
+        assert frames.keys() == want.keys()
+        check_layout(layout, frames, want, bitwise=layout == "cfg")
+    assert want["extend/frames"].shape[1] == 19 + 13 - 7
+
+
+def test_loras_under_context_parallelism_and_sharding_equal_one_process(runs, one_process):
+    # Live (also under an image), fused, unfused (live again), unloaded: each rank applies a block's LoRA where the
+    # block lives (its owner merges it; the broadcast carries the merged weights) and skips the blocks it does not
+    # hold. Also: fused on one process then sharded (each owner restores its blocks when unfusing), and under
+    # model CPU offload with sharded blocks.
+    got = results(runs[2], "lora")
+    want = one_process["lora"]
+    assert (want["live"] - want["none"]).abs().max() > 0.1  # the LoRA changes the video
+    assert torch.equal(want["unfused"], want["live"]) and torch.equal(want["unloaded"], want["none"])
+    assert_close(want["fused"], want["live"])  # merged and live agree (fp32)
+    cfg_halves = {"cfg, sharded": True, "tokens, sharded": False, "fused, then sharded": False}
+    for layout, bitwise in {**cfg_halves, "model offload, sharded": True}.items():  # 2 ranks: CFG halves by default
+        check_layout(layout, got[layout], want, bitwise)
+    assert set(got["cfg, sharded"]) == set(want)
+    given = got["a given transformer, sharded"]  # from_pretrained(transformer=..., shard_dit=True)
+    assert given["sharded"] and torch.equal(given["video"], want["none"])
+
+
+def test_fp8_weights_take_a_live_lora_under_context_parallelism_with_sharded_blocks(runs, one_process):
+    # Each rank reads and quantizes only its blocks; a block's fp8 weights (as bytes) and scales travel to the others.
+    got, want = results(runs[2], "lora")["fp8, tokens, sharded"], one_process["fp8"]
+    assert_close(got["fp8 live"], want["fp8 live"])
+    assert "fp8" in got["fp8 fuse refused"] and "live" in got["fp8 fuse refused"]  # refused on the ranks too...
+    assert torch.equal(got["fp8 live after refusal"], got["fp8 live"])  # ... having changed nothing
+
+
 class Loaded(Exception):
     """Weights started loading."""
 
@@ -334,9 +425,14 @@ def test_one_rank_failing_stops_every_rank(runs, n):
 
 
 def test_cli_under_torchrun_writes_one_video(tmp_path):
+    # With an image and a LoRA (fused on each rank into the blocks it holds), as one process makes it.
     model = save_native_model(tmp_path / "model")
+    lora = make_lora(model, tmp_path / "lora.safetensors")
+    image = torch.randint(0, 256, (32, 48, 3), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+    Image.fromarray(image.numpy()).save(tmp_path / "first.png")
     small = ["--width", "48", "--height", "32", "--num_frames", "13", "--num_steps", "2", "--seed", "3", "--quiet"]
-    args = ["--prompt", "a red ball", "--model_dir", str(model), *small]
+    plain = ["--prompt", "a red ball", "--model_dir", str(model), *small, "--image", str(tmp_path / "first.png")]
+    args = [*plain, "--lora_path", f"{lora}:0.8"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # --shard_dit: each rank reads only its blocks from the file; CFG parallel (the default with 2 ranks).
@@ -351,11 +447,20 @@ def test_cli_under_torchrun_writes_one_video(tmp_path):
     videos = list((tmp_path / "out").glob("*.mp4"))
     assert len(videos) == 1 and len(list((tmp_path / "out").glob("*.json"))) == 1, run.stderr
     assert run.stderr.count("wrote ") == 1  # rank 0 alone reports
-    assert json.loads(videos[0].with_suffix(".json").read_text())["processes"] == 2
-    # The same command in one process makes the same video.
-    # Unbatched CFG, as the CFG-parallel ranks run it: batched differs by fp32 rounding, which H.264 amplifies.
-    assert main([*args, "--batch_cfg", "off", "--out_dir", str(tmp_path / "single")]) == 0
-    [single] = list((tmp_path / "single").glob("*.mp4"))
-    (parallel, _), (one, _) = read_video(videos[0]), read_video(single)
+    sidecar = json.loads(videos[0].with_suffix(".json").read_text())
+    assert sidecar["processes"] == 2 and sidecar["conditioning"]["file"] == "first.png"
+    assert [(x["file"], x["strength"], x["fused"]) for x in sidecar["loras"]] == [("lora.safetensors", 0.8, True)]
+    # The same command in one process makes the same video: unbatched CFG and one thread, as the CFG-parallel ranks
+    # run it (another order of fp32 sums differs by rounding, which H.264 amplifies).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main([*args, "--batch_cfg", "off", "--out_dir", str(tmp_path / "single")]) == 0
+        assert main([*plain, "--batch_cfg", "off", "--out_dir", str(tmp_path / "plain")]) == 0  # without the LoRA
+    finally:
+        torch.set_num_threads(threads)
+    (parallel, _), (one, _) = read_video(videos[0]), read_video(next((tmp_path / "single").glob("*.mp4")))
     assert parallel.shape == one.shape == (13, 32, 48, 3)
     assert abs(parallel.astype(int) - one.astype(int)).max() <= 1
+    no_lora, _ = read_video(next((tmp_path / "plain").glob("*.mp4")))
+    assert abs(no_lora.astype(int) - one.astype(int)).max() > 10

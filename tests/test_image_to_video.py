@@ -186,21 +186,113 @@ def test_a_model_folder_without_the_encoder_is_refused_before_work(tmp_path, mon
         pipe("a red square", image=clip()[0], **FAST)
 
 
-# ---- memory modes and tiling -------------------------------------------------------------------------------
+# ---- memory modes, tiling and LoRAs -------------------------------------------------------------------------
 
 
-def test_model_offload_gives_the_same_latents_tiling_keeps_the_image_and_the_encoder_leaves_the_device(pipe):
+def conditioned_latents(pipe, names=("image", "video", "extend"), **kw) -> dict:
+    """Image to video, video to video and extension latents of the demo model (2 steps)."""
+    inputs = {
+        "image": dict(image=clip(seed=8)[0]),
+        "video": dict(video=clip(seed=9), strength=0.5),
+        "extend": dict(extend=clip(seed=10, frames=19)),
+    }
+    args = dict(FAST, num_inference_steps=2, output_type="latent", **kw)
+    return {k: pipe("a red square moves right", **args, **inputs[k]) for k in names}
+
+
+@pytest.fixture(scope="module")
+def resident(pipe):
+    """`conditioned_latents` on the CPU as loaded: untiled VAE, CFG branches unbatched (a small budget unbatches
+    them), as the memory modes below run them."""
+    try:
+        return conditioned_latents(pipe.disable_vae_tiling(), batch_cfg=False)
+    finally:
+        pipe.vae_options = {"mode": "auto"}
+
+
+@pytest.mark.parametrize("mode", ["model", "sequential"])
+def test_offload_modes_give_the_resident_latents(pipe, resident, mode):
+    # Device stand-in (offload.LedgerMover: every weight the mode moves is copied); "sequential" with a budget that
+    # makes the DiT's blocks stream. The same work as on the CPU: the same latents, bit for bit.
+    from mochi_preview.offload import LedgerMover, Mover
+
+    pipe.disable_vae_tiling()
+    budget = 2**20 if mode == "sequential" else None
+    pipe.set_memory_mode(mode, budget=budget, mover=LedgerMover(2**34))
+    try:
+        got = conditioned_latents(pipe, batch_cfg=False)
+        record = pipe.memory_record()
+    finally:
+        pipe.set_memory_mode("auto", mover=Mover("cpu")).vae_options = {"mode": "auto"}
+    assert record["mode"] == mode and record["moved_bytes"]["dit"] > 0
+    if mode == "sequential":
+        assert record["dit_blocks_resident"] < record["dit_blocks"]  # the blocks streamed
+    for name, out in got.items():
+        assert torch.equal(out.frames, resident[name].frames), name
+        assert "encode_tiles" not in out.conditioning
+    assert next(pipe.vae_encoder.parameters()).device.type == "cpu"  # the encoder left the device
+
+
+def test_tiling_encodes_in_tiles_and_keeps_the_image(pipe):
     image = clip(seed=8)[0]
     plain = pipe("a red square moves right", image=image, output_type="latent", **FAST)
-    pipe.enable_model_cpu_offload().enable_vae_tiling(tiles=(2, 2), overlap=2)
+    pipe.enable_vae_tiling(tiles=(2, 2), overlap=2)
     try:
-        offloaded = pipe("a red square moves right", image=image, output_type="np", **FAST)
-        latents = pipe("a red square moves right", image=image, output_type="latent", **FAST)
+        tiled = pipe("a red square moves right", image=image, output_type="np", **FAST)
     finally:
-        pipe.set_memory_mode("auto").disable_vae_tiling()
-    assert next(pipe.vae_encoder.parameters()).device.type == "cpu"
-    assert torch.equal(latents.frames, plain.frames)
-    assert psnr(uint8(offloaded.frames[0, 0]), image) > 20.0  # tiles cross-fade: a little below the untiled 22
+        pipe.vae_options = {"mode": "auto"}
+    assert "encode_tiles" not in plain.conditioning and tiled.conditioning["encode_tiles"] == [2, 2]
+    assert psnr(uint8(tiled.frames[0, 0]), image) > 20.0  # tiles cross-fade: a little below the untiled 22
+
+
+def test_a_small_memory_budget_encodes_in_tiles(pipe):
+    # The memory plan's budget (here 1 MiB on a device stand-in) is below the estimate for encoding a 64x64 video
+    # whole: the encode runs in the fewest tiles that fit, the same plan on every rank (agree_min).
+    from mochi_preview.offload import LedgerMover, Mover
+
+    video = clip(seed=9)
+    need = conditioning.encode_bytes(pipe.vae_encoder.config, *video.shape[:3])
+    pipe.set_memory_mode("sequential", budget=2**20, mover=LedgerMover(2**34))
+    try:
+        out = pipe("a red square moves right", video=video, strength=0.3, output_type="np", **FAST)
+    finally:
+        pipe.set_memory_mode("auto", mover=Mover("cpu"))
+    assert need > 2**20 and out.conditioning["encode_tiles"] == [3, 3]  # the finest grid 8x8 latents allow
+    assert psnr(uint8(out.frames[0]), video) > 20.0  # strength 0.3 keeps the input
+
+
+def test_conditioning_with_a_lora(pipe, tmp_path):
+    # A LoRA changes the DiT, not the anchoring: the image still holds latent frame 0; merged and live agree.
+    from mochi_preview.lora import GENMO_TARGETS, save_lora_native
+
+    g = torch.Generator().manual_seed(2)
+    layers = {}
+    for i, block in enumerate(pipe.dit.blocks):
+        for target in GENMO_TARGETS:
+            if (layer := getattr(block.attn, target, None)) is not None:
+                A, B = torch.randn(2, layer.in_features, generator=g), torch.randn(layer.out_features, 2, generator=g)
+                layers[f"blocks.{i}.attn.{target}"] = (A * 0.2, B * 0.2)
+    path = save_lora_native(tmp_path / "lora.safetensors", layers, rank=2, alpha=2.0)
+    image = clip(seed=8)[0]
+    x = conditioning.encode(pipe.vae_encoder, image[None], pipe.latent_stats)
+    names = ("image", "video")
+    plain = conditioned_latents(pipe, names)
+    pipe.load_lora_weights(path, strength=0.7)
+    try:
+        live = conditioned_latents(pipe, names)
+        pipe.fuse_lora()
+        fused = conditioned_latents(pipe, names)
+        pipe.unfuse_lora()
+        pipe.set_adapters("default_0", 0.0)
+        off = conditioned_latents(pipe, names)
+    finally:
+        pipe.unload_lora_weights()
+    for name in plain:
+        a, b = live[name].frames, fused[name].frames
+        assert float((a - b).abs().max() / b.abs().max()) <= 1e-5, name  # merged and live: fp32 rounding
+        assert (a - plain[name].frames).abs().max() > 0.1, name  # the LoRA did change the generation
+        assert torch.equal(off[name].frames, plain[name].frames), name  # strength 0 is no LoRA, bit for bit
+    torch.testing.assert_close(live["image"].frames[:, :, :1], x, rtol=0, atol=1e-5)  # still the image's latent
 
 
 # ---- the CLI -----------------------------------------------------------------------------------------------

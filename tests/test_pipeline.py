@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -74,7 +76,7 @@ def test_callback_sees_every_step_with_diffusers_timesteps_and_the_tensors_asked
     sigmas = linear_quadratic_schedule(3)
     # diffusers passes its scheduler's timestep of the step: 1000 * (1 - sigma_i), 0 at pure noise
     assert [(i, t) for i, t, _, _ in seen] == [(i, pytest.approx((1 - sigmas[i]) * 1000)) for i in range(3)]
-    assert pipe.scheduler.timesteps.tolist() == [t for _, t, _, _ in seen]
+    assert pipe.scheduler.timesteps.tolist() == [t for _, t, _, _ in seen] and pipe.scheduler.sigmas.tolist() == sigmas
     assert seen[0][2] == sorted(inputs) and seen[0][3] == (1, 256, 64)
     with pytest.raises(ValueError, match="callback_on_step_end_tensor_inputs may name"):
         pipe("a cat", callback_on_step_end_tensor_inputs=["noise_pred"], **SMALL)
@@ -245,6 +247,15 @@ def test_hub_id_resolves_through_the_local_cache(native_dir, tmp_path, monkeypat
     assert pipe("a cat", seed=1, output_type="latent", **SMALL).frames.shape == (1, 12, 3, 4, 6)
     with pytest.raises(FileNotFoundError, match="not in the local Hugging Face cache"):
         resolve_model_dir("genmo/not-downloaded")
+    other = tmp_path / "other_cache" / "models--genmo--mochi-tiny"  # cache_dir= and revision= (a tag) say where
+    (other / "snapshots").mkdir(parents=True)
+    (other / "snapshots" / "4567ef01").symlink_to(native_dir.resolve(), target_is_directory=True)
+    (other / "refs").mkdir()
+    (other / "refs" / "v1").write_text("4567ef01")
+    pipe = MochiPipeline.from_pretrained("genmo/mochi-tiny", cache_dir=other.parent, revision="v1", device="cpu")
+    assert Path(pipe.sources["model_dir"]) == other / "snapshots" / "4567ef01"
+    with pytest.raises(FileNotFoundError, match="not in the local Hugging Face cache"):
+        MochiPipeline.from_pretrained("genmo/mochi-tiny", cache_dir=other.parent, revision="main")
 
 
 def test_mochi_console_script_is_installed():

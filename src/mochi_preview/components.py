@@ -194,6 +194,18 @@ def diffusers_dit_config(cfg) -> dict:
     }
 
 
+def diffusers_dit_problems(cfg) -> list[str]:
+    """What diffusers' `MochiTransformer3DModel` cannot describe about this DiT (empty: it loads it): it sizes each
+    SwiGLU hidden layer as 8 * width // 3, where native Mochi rounds up to a multiple of 256 (equal at the published
+    widths, spec section 12)."""
+    widths = {"visual": (cfg.mlp_hidden_x, cfg.num_heads * cfg.head_dim), "text": (cfg.mlp_hidden_y, cfg.dim_y)}
+    return [
+        f"the {stream} MLP is {hidden} wide where diffusers makes it 8 * {dim} // 3 = {8 * dim // 3}"
+        for stream, (hidden, dim) in widths.items()
+        if hidden != 8 * dim // 3
+    ]
+
+
 SCHEDULER_CONFIG = {"_class_name": "FlowMatchEulerDiscreteScheduler", "invert_sigmas": True, "shift": 1.0}
 MODEL_INDEX = {
     "_class_name": "MochiPipeline",

@@ -12,6 +12,9 @@ on text alone; these inputs steer its sampler without new weights:
   linear-quadratic schedule cut at sigma0. "Skip a fraction of the steps" would not do: Mochi's schedule stays
   above sigma = 0.975 for its first half, so skipping half the steps still starts from almost pure noise.
 
+Large inputs encode in overlapping spatial tiles, cross-faded (`encode(..., tiles)`), when the pipeline's VAE
+tiling or its memory budget asks for it (`encode_plan`).
+
 What the causal VAE does not allow: a last-frame keyframe. The last latent frame encodes 6 frames together with
 everything before them, so a lone final image has no latent of its own to anchor.
 """
@@ -28,6 +31,7 @@ import torch
 
 from .geometry import MOCHI
 from .sampling import DiTCall, linear_quadratic_schedule
+from .vae.decode import blend_ramps, next_tiles, tile_spans
 from .vae.latents import normalize_latents
 
 MODES = ("replace", "guide")
@@ -38,6 +42,7 @@ FLAGS = {"image": "--image", "video": "--init_video", "extend": "--extend"}
 GUIDE_STRENGTH = 0.5
 MAX_UPSCALE = 4.0  # an image enlarged more than this is refused: the video would show its pixels, not the picture
 MIN_VIDEO_FRAMES = MOCHI.num_frames(2)  # 7: two latent frames
+ENCODE_OVERLAP = 2  # latent pixels (16 video pixels) that neighbouring encode tiles share and cross-fade over
 
 
 @dataclass
@@ -129,14 +134,76 @@ def fit_video(frames: np.ndarray, height: int | None = None, width: int | None =
 
 
 @torch.inference_mode()
-def encode(encoder: torch.nn.Module, frames: np.ndarray, stats=None) -> torch.Tensor:
-    """(T, H, W, 3) uint8 frames, T = 6k+1 -> the normalised latent mean (1, 12, k+1, H/8, W/8), fp32 on the CPU."""
+def encode(
+    encoder: torch.nn.Module,
+    frames: np.ndarray,
+    stats=None,
+    tiles: tuple[int, int] = (1, 1),
+    overlap: int = ENCODE_OVERLAP,
+) -> torch.Tensor:
+    """(T, H, W, 3) uint8 frames, T = 6k+1 -> the normalised latent mean (1, 12, k+1, H/8, W/8), fp32 on the CPU.
+
+    `tiles` (rows, cols): encode overlapping spatial tiles one at a time (the working memory of one tile) and
+    cross-fade their latents over the `overlap` latent pixels neighbours share, as the tiled decode does. Not exact:
+    a tile's GroupNorms see its own pixels only, and its edge latents miss the context beyond the tile.
+    """
     param = next(encoder.parameters())
-    video = torch.from_numpy(np.array(frames, copy=True)).permute(3, 0, 1, 2)[None]  # (1, 3, T, H, W)
-    video = video.to(param.device, torch.float32) / 127.5 - 1.0
-    mean, _ = encoder(video)
-    mean = mean.float().cpu()
+    video = torch.from_numpy(np.array(frames, copy=True)).permute(3, 0, 1, 2)[None]  # (1, 3, T, H, W) uint8
+    s = encoder.config.spatial_factor
+    rows = tile_spans(video.shape[3] // s, tiles[0], overlap, "height")
+    cols = tile_spans(video.shape[4] // s, tiles[1], overlap, "width")
+    mean = None
+    for (h0, h1), ramp_h in zip(rows, blend_ramps(rows, 1, overlap, "cpu")):
+        for (w0, w1), ramp_w in zip(cols, blend_ramps(cols, 1, overlap, "cpu")):
+            tile = video[:, :, :, h0 * s : h1 * s, w0 * s : w1 * s].to(param.device, torch.float32) / 127.5 - 1.0
+            part = encoder(tile)[0].float().cpu()  # (1, 12, K, h1 - h0, w1 - w0)
+            if mean is None:
+                mean = torch.zeros(*part.shape[:3], rows[-1][1], cols[-1][1])
+            mean[:, :, :, h0:h1, w0:w1] += part * (ramp_h[:, None] * ramp_w[None, :])
     return normalize_latents(mean, *(stats or (None, None)))
+
+
+def encode_bytes(config, frames: int, height: int, width: int) -> int:
+    """Working bytes of encoding (frames, height, width) pixels in fp32, estimated from the encoder's first level,
+    where it peaks: a ResBlock's input, normalised copy, convolution output and sum at the first width, beside the
+    Fourier features and the RGB input."""
+    return 4 * frames * height * width * (4 * config.channels[0] + config.in_channels + 3)
+
+
+def encode_plan(config, shape: tuple[int, int, int], vae_options: dict, budget: int) -> tuple[tuple[int, int], int]:
+    """(tiles, overlap) for encoding a (T, H, W) input under a pipeline's VAE options (`enable_vae_tiling`): "full"
+    in one piece, "tiled" in its `tiles` when given, else the fewest tiles whose encode fits `budget` bytes."""
+    overlap = vae_options.get("overlap", ENCODE_OVERLAP)
+    mode = vae_options.get("mode", "auto")
+    if mode == "full":
+        return (1, 1), overlap
+    if mode != "tiled" or vae_options.get("tiles") is None:
+        return encode_tiles(config, shape, budget, overlap), overlap
+    tiles, s = tuple(vae_options["tiles"]), config.spatial_factor
+    try:
+        tile_spans(shape[1] // s, tiles[0], overlap, "height")
+        tile_spans(shape[2] // s, tiles[1], overlap, "width")
+    except ValueError as e:
+        raise ValueError(
+            f"enable_vae_tiling(tiles={tiles}, overlap={overlap}) does not fit the {shape[2]}x{shape[1]} input "
+            f"({shape[2] // s}x{shape[1] // s} latent pixels): {e}"
+        ) from None
+    return tiles, overlap
+
+
+def encode_tiles(config, shape: tuple[int, int, int], budget: int, overlap: int = ENCODE_OVERLAP) -> tuple[int, int]:
+    """The fewest spatial tiles (rows, cols) in which a (T, H, W) video's encode fits `budget` bytes (the finest
+    grid the overlap allows when none fits: the estimate errs high)."""
+    t, h, w = shape
+    s = config.spatial_factor
+    tiles = (1, 1)
+    while True:
+        tile_h = max(b - a for a, b in tile_spans(h // s, tiles[0], overlap)) * s
+        tile_w = max(b - a for a, b in tile_spans(w // s, tiles[1], overlap)) * s
+        finer = next_tiles(tiles, h // s, w // s, overlap)
+        if encode_bytes(config, t, tile_h, tile_w) <= budget or finer == tiles:
+            return tiles
+        tiles = finer
 
 
 @dataclass

@@ -9,7 +9,11 @@
 * CFG parallelism: with `cfg_parallel` and an even world size, ranks [0, N/2) run the conditional pass and
   [N/2, N) the unconditional one, each half a sequence group of N/2; rank i and rank i + N/2 swap velocities.
 * Weights: replicated by default; `shard_dit` keeps block i only on rank i mod N, broadcast just before it runs (on
-  `ContextParallel.device`, wherever the block's weights sit: a memory mode may keep them on the CPU).
+  `ContextParallel.device`, wherever the block's weights sit: a memory mode may keep them on the CPU), fp8 weights
+  and their scales included. LoRAs (`lora.py`): a merged one is merged (and restored) by each block's owner, so the
+  broadcast carries it; a live one's tensors stay on every rank, beside the block they serve.
+* Pixel inputs (`conditioning.py`): every rank encodes the same input in the same tiles (planned for the smallest
+  budget) and anchors the same latents, so every rank steps the same video.
 * Failures: a rank that raises inside `guard()` posts its rank and error in the process group's store; every other
   rank stops with that message, either from the collective that fails when the rank goes away or, if that rank's
   process lives on, from a watcher thread that sees the post. Collectives also carry a timeout. The store's host
@@ -427,16 +431,17 @@ class CFGParallelDiT:
 
 class BlockSharding:
     """Block i of the DiT lives on rank i mod N only; it is broadcast to the others just before it runs (the next
-    block's broadcast overlaps this block's compute) and dropped after, so a rank holds ~depth/N + 2 blocks."""
+    block's broadcast overlaps this block's compute) and dropped after, so a rank holds ~depth/N + 2 blocks.
+
+    What travels is a block's parameters and persistent buffers (an fp8 layer's scales; fp8 data goes as bytes, which
+    every backend carries). Non-persistent buffers (a live LoRA's A and B) stay on every rank.
+    """
 
     def __init__(self, blocks: nn.ModuleList, cp: ContextParallel):
         self.cp = cp
         self.owner = [i % cp.world_size for i in range(len(blocks))]
-        # (module, name, shape, dtype) of each block's parameters: the empty placeholders keep neither shape nor data
-        self.params = [
-            [(m, name, p.shape, p.dtype) for m in block.modules() for name, p in m.named_parameters(recurse=False)]
-            for block in blocks
-        ]
+        # (module, name, shape, dtype) of each block's tensors: the empty placeholders keep neither shape nor data
+        self.params = [[(m, name, t.shape, t.dtype) for m, name, t in _stored_tensors(block)] for block in blocks]
         self.pending: dict[int, list] = {}  # block index -> [(work, flat buffer, params of that dtype)]
         self.blocks = blocks
         # What travels is sized from each rank's own copy of the model: every rank must hold the same one. (The
@@ -467,7 +472,8 @@ class BlockSharding:
                 with torch.inference_mode(False):  # a plain tensor: the parameters will hold views of it
                     flat = torch.empty(sum(shape.numel() for _, _, shape, _ in entries), dtype=dtype, device=device)
             src = self.cp.global_ranks[self.owner[i]]
-            works.append((dist.broadcast(flat, src=src, group=self.cp.group, async_op=True), flat, entries))
+            wire = flat.view(torch.uint8) if dtype.itemsize == 1 else flat  # gloo has no fp8 types
+            works.append((dist.broadcast(wire, src=src, group=self.cp.group, async_op=True), flat, entries))
             if mine:
                 self.cp.bytes_sent += flat.nbytes * (self.cp.world_size - 1)
         self.pending[i] = works
@@ -494,12 +500,23 @@ class BlockSharding:
         with torch.inference_mode(False), torch.no_grad():
             for m, name, _, dtype in self.params[i]:
                 p = getattr(m, name)
-                if p.is_meta:  # never read (load_dit_sharded): a real, empty parameter once, reused after
-                    setattr(
-                        m, name, nn.Parameter(torch.empty(0, dtype=dtype, device=self.cp.device), requires_grad=False)
-                    )
+                if p.is_meta:  # never read (load_dit_sharded): a real, empty tensor once, reused after
+                    empty = torch.empty(0, dtype=dtype, device=self.cp.device)
+                    if name in m._buffers:
+                        m._buffers[name] = empty
+                    else:
+                        setattr(m, name, nn.Parameter(empty, requires_grad=False))
                 else:
                     p.data = torch.empty(0, dtype=dtype, device=p.device)
+
+
+def _stored_tensors(block: nn.Module) -> list[tuple[nn.Module, str, torch.Tensor]]:
+    """(module, name, tensor) of a block's parameters and persistent buffers: what its checkpoint holds."""
+    out = []
+    for m in block.modules():
+        out += [(m, name, p) for name, p in m.named_parameters(recurse=False)]
+        out += [(m, name, b) for name, b in m.named_buffers(recurse=False) if name not in m._non_persistent_buffers_set]
+    return out
 
 
 def shard_dit(dit: nn.Module, cp: ContextParallel) -> nn.Module:
@@ -511,12 +528,16 @@ def shard_dit(dit: nn.Module, cp: ContextParallel) -> nn.Module:
 
 
 def load_dit_sharded(
-    path: str | Path, cp: ContextParallel, dtype: torch.dtype = torch.bfloat16, attention_backend: str = "sdpa"
+    path: str | Path,
+    cp: ContextParallel,
+    dtype: torch.dtype = torch.bfloat16,
+    attention_backend: str = "sdpa",
+    fp8: str | None = None,
 ) -> nn.Module:
-    """Load a DiT reading only this rank's blocks (and the small shared layers) from the checkpoint, onto cp.device."""
+    """Load a DiT reading only this rank's blocks (and the small shared layers) from the checkpoint, onto cp.device
+    (`fp8`: as `load_dit`'s, the blocks' weights in float8 with their scales)."""
     from .dit import load_dit
 
     mine = lambda i: i % cp.world_size == cp.rank  # block i lives on rank i mod N (BlockSharding)
-    return shard_dit(
-        load_dit(path, dtype=dtype, device=cp.device, attention_backend=attention_backend, keep_block=mine), cp
-    )
+    dit = load_dit(path, dtype=dtype, device=cp.device, attention_backend=attention_backend, fp8=fp8, keep_block=mine)
+    return shard_dit(dit, cp)

@@ -14,6 +14,8 @@ A layer's update is W += strength * (B @ A) * alpha / r. `load_lora` merges it (
 step). `LoraSet` applies LoRAs live (a forward hook adds strength * scale * B(A x) to the Linear's output), so
 several can be switched and weighted between generations without reloading, on fp8 layers too; their tensors are
 non-persistent buffers of the Linear they serve, so offloading moves them with it and state dicts are unchanged.
+With the DiT's blocks sharded over ranks (`distributed.shard_dit`), a rank merges into and restores only the blocks
+it holds (their broadcast carries the result); live adapters stay on every rank (sharding moves persistent tensors).
 `LoraMixin` gives a pipeline diffusers' method names over `self.dit`.
 """
 
@@ -476,7 +478,9 @@ class LoraSet:
     def unfuse(self) -> None:
         """Restore the weights as they were before `fuse` (exactly) and apply the adapters live again."""
         for layer_name, original in self.originals.items():
-            self.dit.get_submodule(layer_name).weight.copy_(original)
+            module = self.dit.get_submodule(layer_name)
+            if _owned(module):  # a block sharded away after fusing is restored by its owner, and broadcast
+                module.weight.copy_(original)
         self.originals.clear()
         self.fused.clear()
         self._apply_scales()

@@ -14,9 +14,10 @@ strength=S` redraws a video from noise level S, `extend=...` continues one; `pre
 (`pusa.py`) conditions its per-frame sigmas instead.
 
 Hooks: `callback_on_step_end(pipe, i, t, {"latents": z, ...})` runs after each step (t: diffusers' timestep of the
-step, `pipe.scheduler.timesteps[i]`) and may return {"latents": new}; setting `pipe._interrupt = True` stops after the
-step and decodes what there is. `dit_hook(call)` wraps each DiT call (a `sampling.DiTCall`) and returns its velocity:
-it may count calls, return a cached velocity instead of running the DiT, or run it on edited inputs.
+step, `pipe.scheduler.timesteps[i]`) and may return new "latents", "prompt_embeds" or "negative_prompt_embeds" (used
+from the next step on); setting `pipe._interrupt = True` stops after the step and decodes what there is.
+`dit_hook(call)` wraps each DiT call (a `sampling.DiTCall`) and returns its velocity: it may count calls, return a
+cached velocity instead of running the DiT, or run it on edited inputs.
 
 Memory modes (`set_memory_mode`; the machinery is in `offload.py`): loading puts nothing on the device; each
 component goes where the mode wants it once the mode is known. "auto" (the default) picks, at each generation, the
@@ -74,7 +75,7 @@ from .offload import (
     footprint,
     next_mode_advice,
 )
-from .sampling import DiTHook, TextCondition, check_sigmas, denoise, get_noise
+from .sampling import DiTCall, DiTHook, TextCondition, check_sigmas, denoise, get_noise
 from .settings import Settings, model_defaults
 from .text import HUB_ID as T5_HUB_ID
 from .text import TextEncoder, resolve_t5
@@ -82,6 +83,7 @@ from .tiny import DEMO_MODEL_DIR
 from .vae import denormalize_latents, load_latent_stats, load_vae_decoder, load_vae_encoder
 from .vae.decode import decode as vae_decode
 from .vae.decode import describe_vae_options, smaller_vae_options
+from .vae.layout import diffusers_vae_config, diffusers_vae_problems, has_vae_part, to_diffusers_state
 
 VIDEO_TYPES = ("np", "pt", "pil")  # what `decode` makes
 OUTPUT_TYPES = (*VIDEO_TYPES, "latent")
@@ -152,6 +154,61 @@ class Request:
     anchored_frames: int = 0  # extension: the generation's first frames that are the input's last ones
 
 
+@dataclass
+class _LoopText:
+    """A sampling loop's prompt embeddings, which `callback_on_step_end` may replace between steps."""
+
+    cond: TextCondition
+    uncond: TextCondition | None
+    replaced: bool = False
+
+    def embeddings(self, key: str) -> torch.Tensor | None:
+        text = self.cond if key == "prompt_embeds" else self.uncond
+        return None if text is None else text.features
+
+    def take(self, out: Mapping) -> None:
+        """Use the "prompt_embeds" / "negative_prompt_embeds" a callback returned from the next step on. Under
+        guidance, prompt_embeds may also be diffusers' loop batch: [negative; positive] rows."""
+        for key in ("prompt_embeds", "negative_prompt_embeds"):
+            new, current = out.get(key), self.embeddings(key)
+            if new is None:
+                continue
+            if current is None:
+                raise ValueError(f"callback_on_step_end returned {key}, but this generation runs without guidance")
+            shape, both = tuple(current.shape), (2 * current.shape[0], *current.shape[1:])
+            diffusers_batch = key == "prompt_embeds" and self.uncond is not None
+            if diffusers_batch and tuple(new.shape) == both:
+                self.uncond = self._with(self.uncond, new.chunk(2)[0])
+                new = new.chunk(2)[1]
+            elif tuple(new.shape) != shape:
+                also = f" (or {both}: diffusers' [negative; positive] batch)" if diffusers_batch else ""
+                raise ValueError(
+                    f"callback_on_step_end returned {key} shaped {tuple(new.shape)}; the loop's {key} are "
+                    f"{shape}{also} (videos, tokens, width)"
+                )
+            if key == "prompt_embeds":
+                self.cond = self._with(self.cond, new)
+            else:
+                self.uncond = self._with(self.uncond, new)
+            self.replaced = True
+
+    @staticmethod
+    def _with(text: TextCondition, features: torch.Tensor) -> TextCondition:
+        return TextCondition(features.to(text.features.device, text.features.dtype), text.mask)
+
+    def hook(self, inner: DiTHook | None) -> DiTHook:
+        """A dit_hook running each DiT call on the current embeddings, around `inner`."""
+
+        def with_text(call: DiTCall) -> torch.Tensor:
+            if self.replaced:
+                texts = {"cond": self.cond, "uncond": self.uncond}
+                text = texts[call.branch] if call.branch in texts else TextCondition.cat(self.cond, self.uncond)
+                call = replace(call, text=text)
+            return call() if inner is None else inner(call)
+
+        return with_text
+
+
 class _Interrupted(Exception):
     """Raised between steps once `pipe.interrupt` is set; carries the latents reached."""
 
@@ -187,6 +244,7 @@ class MochiPipeline(LoraMixin):
         self.vae, self.video_processor = MochiVAE(self), VideoProcessor()
         self.vae_options: dict = {"mode": "auto"}
         self.cp = None  # a distributed.ContextParallel once enable_context_parallel() ran
+        self.last_encode_tiles = (1, 1)  # the spatial tiles of the latest image/video encode
         self.vae_encoder: nn.Module | None = None  # loaded from the model folder at the first image/video input
         # The VAE's per-channel latent (mean, std); None: the published constants. Models trained here bring theirs.
         self.latent_stats: tuple[list[float], list[float]] | None = None
@@ -356,11 +414,11 @@ class MochiPipeline(LoraMixin):
             elif shard_dit:
                 from .distributed import load_dit_sharded
 
-                if fp8 is not None:
-                    raise ValueError("fp8 weights and shard_dit do not combine yet; use one or the other")
                 if cp is None:
                     raise ValueError("shard_dit needs context_parallel=True (several processes to share the blocks)")
-                dit = load_dit_sharded(view, cp, dtype=dtypes["transformer"], attention_backend=attention_backend)
+                dit = load_dit_sharded(
+                    pusa.dit_file(view), cp, dtype=dtypes["transformer"], attention_backend=attention_backend, fp8=fp8
+                )
             else:
                 dit = load_dit(
                     pusa.dit_file(view), dtype=dtypes["transformer"], attention_backend=attention_backend, fp8=fp8
@@ -392,42 +450,63 @@ class MochiPipeline(LoraMixin):
         )
         pipe.latent_stats = load_latent_stats(folder)
         if cp is not None:
-            pipe._use_context_parallel(cp)
+            pipe._use_context_parallel(cp, shard_dit)  # a given transformer is sharded here (a loaded one already is)
         return pipe.set_memory_mode(memory)
 
     def save_pretrained(self, save_directory: str | Path, variant: str | None = None) -> Path:
         """Write the pipeline in diffusers' layout (transformer/, vae/, text_encoder/, tokenizer/, scheduler/,
         model_index.json), plus its mochi_defaults.json and latent_stats.json; weight files named for `variant`
         (e.g. "bf16": `*.bf16.safetensors`), in each component's dtype. The folder appears whole (an existing one is
-        replaced). The DiT is written from memory (a fine-tuned or LoRA-fused one as it is now); the VAE is copied
-        from the folder it was loaded from (a native decoder.safetensors stays native: ours reads it, diffusers
-        does not)."""
+        replaced). Everything is written from memory, whatever layout it was loaded from: the DiT as it is now (a
+        fine-tuned or LoRA-fused one), the VAE as diffusers' `AutoencoderKLMochi` (decoder, and encoder when the
+        pipeline has one: in use, or in its model folder) with its config.json and latent statistics."""
         from safetensors.torch import save_file
 
-        from .components import MODEL_INDEX, SCHEDULER_CONFIG, diffusers_dit_config, diffusers_dit_state, variant_name
+        from .components import (
+            MODEL_INDEX,
+            SCHEDULER_CONFIG,
+            diffusers_dit_config,
+            diffusers_dit_problems,
+            diffusers_dit_state,
+            variant_name,
+        )
         from .files import atomic_dir
         from .settings import DEFAULTS_FILE
 
         if self.t5.model is None:
             raise RuntimeError("the text encoder was freed (free_text_encoder()); load the pipeline again to save it")
         state = diffusers_dit_state(self.dit)  # an fp8 DiT is refused before anything is written
-        source = Path(self.sources["model_dir"])
+        encoder = self._folder_encoder() if self.vae_encoder is None else self.vae_encoder
+        encoder_config = encoder.config if encoder is not None else None
+        stats = self.vae.config.latents_mean, self.vae.config.latents_std
+        vae_config = diffusers_vae_config(self.decoder.config, encoder_config, *stats)
+        problems = diffusers_dit_problems(self.dit.cfg) + diffusers_vae_problems(self.decoder.config, encoder_config)
+        if problems:
+            warnings.warn(
+                f"{save_directory}: diffusers' MochiPipeline cannot load this model ({'; '.join(problems)}); "
+                "MochiPipeline.from_pretrained here can",
+                UserWarning,
+                stacklevel=_user_stacklevel(),
+            )
+        if live := [n for n, a in self.loras.adapters.items() if a.active and n not in self.loras.fused]:
+            warnings.warn(
+                f"the LoRA adapters {live} are applied live and are not saved; fuse_lora() first to save them merged "
+                "into the DiT's weights",
+                UserWarning,
+                stacklevel=_user_stacklevel(),
+            )
+        vae_state = to_diffusers_state(self.decoder.state_dict(), "decoder")
+        if encoder is not None:
+            vae_state |= to_diffusers_state(encoder.state_dict(), "encoder")
         with atomic_dir(save_directory, replace=True) as tmp:
-            (tmp / "transformer").mkdir()
-            save_file(state, str(tmp / "transformer" / variant_name("diffusion_pytorch_model.safetensors", variant)))
-            _write_json(tmp / "transformer" / "config.json", diffusers_dit_config(self.dit.cfg))
-            if (source / "vae").is_dir():
-                _, files = choose_variant(source / "vae", self.sources.get("variant"))  # the files it was loaded from
-                (tmp / "vae").mkdir()
-                for f in (source / "vae").iterdir():
-                    if weights_variant(f.name) is False:
-                        shutil.copy(f, tmp / "vae" / f.name)
-                for f in files:
-                    plain = f"{f.name.split('.')[0]}.safetensors"
-                    shutil.copy(f, tmp / "vae" / (variant_name(plain, variant) if len(files) == 1 else f.name))
-            else:
-                decoder = {k: v.detach().cpu().contiguous() for k, v in self.decoder.state_dict().items()}
-                save_file(decoder, str(tmp / "decoder.safetensors"))
+            for name, tensors, config in (
+                ("transformer", state, diffusers_dit_config(self.dit.cfg)),
+                ("vae", vae_state, vae_config),
+            ):
+                (tmp / name).mkdir()
+                file = variant_name("diffusion_pytorch_model.safetensors", variant)
+                save_file(tensors, str(tmp / name / file), metadata={"format": "pt"})
+                _write_json(tmp / name / "config.json", config)
             self.t5.model.save_pretrained(tmp / "text_encoder", variant=variant)
             self.t5.tokenizer.save_pretrained(tmp / "tokenizer")
             vocab = getattr(self.t5.tokenizer, "vocab_file", None)  # transformers 5 writes only tokenizer.json
@@ -497,7 +576,9 @@ class MochiPipeline(LoraMixin):
         guidance off at `guidance_scale` <= 1, `num_frames` that is not 6k+1 rounded down to one (with a warning, as
         diffusers' result), `timesteps` (1000 * (1 - sigma) per step), `output_type` "pil", "np" (B, T, H, W, 3)
         floats in [0, 1], "pt" (B, T, 3, H, W) or "latent" (the DiT's latents), `return_dict=False` for a tuple,
-        `callback_on_step_end(pipe, i, t, kwargs)` with the tensors named in `callback_on_step_end_tensor_inputs`.
+        `callback_on_step_end(pipe, i, t, kwargs)` with the tensors named in `callback_on_step_end_tensor_inputs`
+        (the embeddings it returns are used from the next step on; prompt_embeds may also be diffusers' [negative;
+        positive] batch).
         `attention_kwargs` is accepted and has no effect (there are no attention processors to pass it to).
 
         Ours: `seed` (else a random seed, recorded in the output), `noise` ("cpu": the seed's noise from a CPU
@@ -656,17 +737,24 @@ class MochiPipeline(LoraMixin):
             c = pixels_in.anchor(noise, x, sigmas, s.image_mode, s.image_release, pixels_in.GUIDE_STRENGTH)
         c.notes[:0] = pixels.notes
         c.record = {**pixels.source, **c.record}
+        if self.last_encode_tiles != (1, 1):
+            c.record["encode_tiles"] = list(self.last_encode_tiles)
         return {"latents": c.latents, "conditioning": c, **extra}
 
     def _encode_pixels(self, frames: np.ndarray) -> torch.Tensor:
         """(T, H, W, 3) uint8 -> normalised latents (1, 12, K, h, w) on the CPU, with the VAE encoder (loaded from
-        the model folder at first use, fp32) on the device only while it encodes."""
+        the model folder at first use, fp32) on the device only while it encodes; in spatial tiles when the VAE
+        options or the device's free memory ask for them (`last_encode_tiles`; one plan for every rank)."""
         if self.vae_encoder is None:
-            self.vae_encoder = load_vae_encoder(self.sources["model_dir"]).eval()
+            self.vae_encoder = self._folder_encoder()
         encoder = self.vae_encoder
+        budget = max(0, self.memory.budget() - self.memory.ledger.live)  # beside the weights on the device now
+        budget = budget if self.cp is None else self.cp.agree_min(budget)
+        tiles, overlap = pixels_in.encode_plan(encoder.config, frames.shape[:3], self.vae_options, budget)
+        self.last_encode_tiles = tiles
         try:
             with self._memory_errors("vae encode"):
-                return pixels_in.encode(encoder.to(self.device), frames, self.latent_stats)
+                return pixels_in.encode(encoder.to(self.device), frames, self.latent_stats, tiles, overlap)
         finally:
             encoder.to("cpu")
             release_memory(self.device)
@@ -734,12 +822,24 @@ class MochiPipeline(LoraMixin):
             raise ValueError("a Pusa model conditions by per-frame sigmas: image_mode does not apply (leave it unset)")
         return s, sigmas if sigmas is not None else s.sigmas, pixels
 
+    def _folder_encoder(self, load: bool = True) -> nn.Module | bool | None:
+        """The model folder's VAE encoder (fp32, the variant the pipeline was loaded with), None if it has none;
+        `load=False`: only whether it has one."""
+        folder = self.sources.get("model_dir")
+        if folder is None:
+            return None if load else False
+        with warnings.catch_warnings(), variant_view(Path(folder), self.sources.get("variant")) as view:
+            warnings.simplefilter("ignore")  # a missing variant was reported when the pipeline loaded
+            if not has_vae_part(view, "encoder"):
+                return None if load else False
+            return load_vae_encoder(view) if load else True
+
     def _check_encoder(self) -> None:
         """An image or video input needs the VAE encoder: refuse before any work when the model folder has none."""
         if self.vae_encoder is not None:
             return
         folder = self.sources.get("model_dir")
-        if folder is None or not ((Path(folder) / "encoder.safetensors").is_file() or (Path(folder) / "vae").is_dir()):
+        if not self._folder_encoder(load=False):
             raise FileNotFoundError(
                 f"image and video inputs need the VAE encoder: {folder} has no encoder.safetensors (or vae/); add "
                 "it to the model folder, or set pipe.vae_encoder"
@@ -760,19 +860,22 @@ class MochiPipeline(LoraMixin):
         `batch_cfg`: both CFG branches in one DiT call (faster; twice the DiT's activations): True, False, or "auto"
         (batched when the memory plan has room for it; on a CPU device, when the activations fit the free RAM).
         `callback_on_step_end(pipe, i, t, kwargs)` runs after step i (see `__call__`); a dict it returns with
-        "latents" replaces them. Once `pipe.interrupt` is set, sampling stops after the step and returns the latents
-        reached. `dit_hook(call) -> velocity` wraps every DiT call (`sampling.DiTCall`). The DiT's per-generation
-        tables are released at the end.
+        "latents", "prompt_embeds" or "negative_prompt_embeds" replaces them for the next steps. Once
+        `pipe.interrupt` is set, sampling stops after the step and returns the latents reached. `dit_hook(call) ->
+        velocity` wraps every DiT call (`sampling.DiTCall`). The DiT's per-generation tables are released at the end.
         """
         steps = len(request.sigmas) - 1
         guided = request.uncond is not None
         batch_cfg = self._plan_request(request.latents.shape, guided, check_batch_cfg(batch_cfg)).batch_cfg
         self.last_batch_cfg = batch_cfg if guided else None
-        hooks = (callback_on_step_end, tuple(callback_on_step_end_tensor_inputs))
+        text = _LoopText(request.cond, request.uncond)
+        hooks = (callback_on_step_end, tuple(callback_on_step_end_tensor_inputs), text)
         steering = request.conditioning
         if steering is not None and steering.dit_hook is not None:  # "guide": its correction on top of dit_hook
             guide, inner = steering.dit_hook, dit_hook
             dit_hook = lambda call: guide(call, inner)  # noqa: E731
+        if callback_on_step_end is not None:  # it may replace the prompt embeddings: the DiT calls take the new ones
+            dit_hook = text.hook(dit_hook)
         try:
             with (
                 self._on_device(self.dit) as dit,
@@ -932,16 +1035,13 @@ class MochiPipeline(LoraMixin):
     def _after_each_step(self, request: Request, hooks: tuple, progress: bool):
         """The sampler's per-step callback: a progress bar, a NaN/inf guard, the user's callback_on_step_end, then
         the interrupt check."""
-        callback, inputs = hooks
+        callback, inputs, text = hooks
         steering = request.conditioning
         steps = len(request.sigmas) - 1
         timesteps = self.scheduler.timesteps.to(self.device)
         config = {"desc": "sampling", "unit": "step", **self._progress_bar_config}
         config["disable"] = config.get("disable", False) or not (progress and self.is_main_process)
         bar = tqdm(total=steps, **config)
-        tensors = {"prompt_embeds": request.cond.features}
-        if request.uncond is not None:
-            tensors["negative_prompt_embeds"] = request.uncond.features
 
         def after(i: int, sigma: float, z: torch.Tensor) -> torch.Tensor | None:
             bar.update()
@@ -955,10 +1055,11 @@ class MochiPipeline(LoraMixin):
                 replaced = steering.after_step(i, sigma, z)
                 z = z if replaced is None else replaced
             if callback is not None:
-                kwargs = {k: z if k == "latents" else tensors.get(k) for k in inputs}
+                kwargs = {k: z if k == "latents" else text.embeddings(k) for k in inputs}
                 out = callback(self, i, timesteps[i], kwargs)
-                if isinstance(out, dict) and out.get("latents") is not None:
-                    replaced = out["latents"]
+                if isinstance(out, dict):
+                    text.take(out)
+                    replaced = out["latents"] if out.get("latents") is not None else replaced
             if self._interrupt:
                 raise _Interrupted(z if replaced is None else replaced.float())
             return replaced

@@ -9,6 +9,7 @@ from vae_fixtures import diffusers_vae, randomize_, save_diffusers_vae, save_nat
 
 from mochi_preview.checkpoint import CheckpointError
 from mochi_preview.vae import Decoder, DecoderConfig, Encoder, EncoderConfig, decode, load_vae_decoder, load_vae_encoder
+from mochi_preview.vae.layout import diffusers_vae_config, diffusers_vae_problems, to_diffusers_state
 
 SMALL_DECODER = DecoderConfig(channels=(32, 32, 32, 32), num_res_blocks=(1, 1, 1, 1, 1))
 ODD_ENCODER = EncoderConfig(
@@ -94,6 +95,48 @@ def test_diffusers_layouts_load(diffusers_folder, where):
     torch.testing.assert_close(encoder.layers[2].layers[1].attn_block.attn.qkv.weight, qkv, atol=0, rtol=0)
     torch.testing.assert_close(decoder.output_proj.weight, vae.decoder.proj_out.weight, atol=0, rtol=0)
     assert decoder.config.channels == (64, 32, 32, 32) and encoder.config.channels == (32, 32, 64, 64)
+
+
+def test_diffusers_writer_is_the_exact_inverse_of_the_reader(diffusers_folder):
+    vae, folder = diffusers_folder
+    decoder, encoder = load_vae_decoder(folder), load_vae_encoder(folder)
+    state = to_diffusers_state(decoder.state_dict(), "decoder") | to_diffusers_state(encoder.state_dict(), "encoder")
+    expected = vae.state_dict()  # attention included: our qkv split back into to_q, to_k, to_v
+    assert state.keys() == expected.keys() and all(torch.equal(state[k], v) for k, v in expected.items())
+    config = diffusers_vae_config(decoder.config, encoder.config, vae.config.latents_mean, vae.config.latents_std)
+    theirs = {k: list(v) if isinstance(v, tuple) else v for k, v in vae.config.items() if not k.startswith("_")}
+    assert {k: v for k, v in config.items() if k != "_class_name"} == theirs
+    assert config["_class_name"] == "AutoencoderKLMochi"
+
+
+def test_a_decoder_written_for_diffusers_decodes_as_diffusers_where_the_functions_agree():
+    """Without temporal expansion neither decoder drops frames, so Genmo's and diffusers' are the same function end
+    to end (with it they are not: spec section 12, test_vae_parity)."""
+    from diffusers import AutoencoderKLMochi
+
+    config = DecoderConfig(channels=(32, 32, 32, 32), num_res_blocks=(1, 0, 1, 1, 1), temporal_expansions=(1, 1, 1))
+    decoder = randomize_(Decoder(config), seed=11)
+    written = diffusers_vae_config(config, None, [0.0] * 12, [1.0] * 12)
+    vae = AutoencoderKLMochi(**{k: v for k, v in written.items() if k != "_class_name"}).eval()
+    missing, unexpected = vae.load_state_dict(to_diffusers_state(decoder.state_dict(), "decoder"), strict=False)
+    assert not unexpected and missing and all(k.startswith("encoder.") for k in missing)
+    z = torch.randn(1, 12, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(decode(decoder, z, mode="full"), vae.decode(z).sample, atol=1e-5, rtol=1e-5)
+
+
+def test_what_diffusers_cannot_describe_is_named():
+    decoder = DecoderConfig(channels=(32, 32), num_res_blocks=(1, 0, 1), temporal_expansions=(3,),
+                            spatial_expansions=(2,), has_attention=(False, True, False))  # fmt: skip
+    encoder = EncoderConfig(channels=(32, 32), num_res_blocks=(1, 1, 1), temporal_reductions=(3,),
+                            spatial_reductions=(2,), has_attention=(False, True, True))  # fmt: skip
+    assert diffusers_vae_problems(decoder, encoder) == [
+        "the decoder has attention (False, True, False)",
+        "the encoder's ResBlocks per level are (1, 1, 1), the decoder's (1, 0, 1)",
+    ]
+    assert diffusers_vae_problems(SMALL_DECODER, None) == []
+    with pytest.raises(CheckpointError, match=r"tensor 'blocks\.0\.1\.extra\.weight' has no name in diffusers'"):
+        to_diffusers_state({"blocks.0.1.extra.weight": torch.zeros(1)}, "decoder")
 
 
 def test_native_model_folder_and_prefixed_single_file(tmp_path):

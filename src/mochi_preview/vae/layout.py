@@ -70,76 +70,138 @@ def open_vae_checkpoint(path: str | Path, part: str) -> tuple[SafetensorsReader,
     )
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# diffusers AutoencoderKLMochi names -> native names
+def has_vae_part(path: str | Path, part: str) -> bool:
+    """Whether the model folder `path` holds the VAE `part`: its native file, or `part.` keys in a diffusers vae/."""
+    path = Path(path)
+    if (path / f"{part}.safetensors").is_file():
+        return True
+    return (path / "vae").is_dir() and any(k.startswith(f"{part}.") for k in open_checkpoint(path / "vae").keys())
 
-_RESNET = {
-    "norm1.norm_layer": "stack.0",
-    "conv1.conv": "stack.2",
-    "norm2.norm_layer": "stack.3",
-    "conv2.conv": "stack.5",
+
+# ---------------------------------------------------------------------------------------------------------------
+# diffusers AutoencoderKLMochi names <-> native names: one table, read in both directions
+
+_RESNET = {  # native ResBlock sequential index -> diffusers MochiResnetBlock3D module
+    "stack.0": "norm1.norm_layer",
+    "stack.2": "conv1.conv",
+    "stack.3": "norm2.norm_layer",
+    "stack.5": "conv2.conv",
 }
-_IN_BLOCK = re.compile(
-    r"^(block_in|block_out|up_blocks\.(\d+)|down_blocks\.(\d+))\.(resnets|attentions|norms)\.(\d+)\.(.+)$"
-)
+
+
+def _module_table(part: str, n_in: int, n_blocks: int, depth: int) -> dict[str, tuple[str, ...]]:
+    """Native module -> its diffusers module(s), for ResBlock indices below `depth`.
+
+    `n_in`: ResBlocks before the first resampling block (the encoder's layer numbering depends on it); `n_blocks`:
+    resampling blocks. The native attention's qkv maps to three modules (to_q, to_k, to_v: its row thirds).
+    """
+    if part == "decoder":
+        table = {"blocks.0.0": ("conv_in",), "output_proj": ("proj_out",)}
+        table |= {f"blocks.{b + 1}.proj": (f"up_blocks.{b}.proj",) for b in range(n_blocks)}
+        levels = [("block_in", lambda i: f"blocks.0.{i + 1}")]
+        levels += [(f"up_blocks.{b}", lambda i, b=b: f"blocks.{b + 1}.blocks.{i}") for b in range(n_blocks)]
+        levels += [("block_out", lambda i: f"blocks.{n_blocks + 1}.{i}")]
+    else:
+        table = {"layers.0": ("proj_in",), "output_proj": ("proj_out",), "output_norm": ("norm_out.norm_layer",)}
+        first = n_in + 1  # the first downsampling layer
+        table |= {f"layers.{first + b}.layers.0": (f"down_blocks.{b}.conv_in.conv",) for b in range(n_blocks)}
+        levels = [("block_in", lambda i: f"layers.{i + 1}")]
+        levels += [(f"down_blocks.{b}", lambda i, b=b: f"layers.{first + b}.layers.{i + 1}") for b in range(n_blocks)]
+        levels += [("block_out", lambda i: f"layers.{first + n_blocks + i}")]
+    for block, native in levels:
+        for i in range(depth):
+            for stack, name in _RESNET.items():
+                table[f"{native(i)}.{stack}"] = (f"{block}.resnets.{i}.{name}",)
+            table[f"{native(i)}.attn_block.norm"] = (f"{block}.norms.{i}.norm_layer",)
+            table[f"{native(i)}.attn_block.attn.out"] = (f"{block}.attentions.{i}.to_out.0",)
+            table[f"{native(i)}.attn_block.attn.qkv"] = tuple(f"{block}.attentions.{i}.to_{x}" for x in "qkv")
+    return table
 
 
 def _count(keys, pattern: str) -> int:
     return len({m.group(1) for k in keys if (m := re.match(pattern, k))})
 
 
+def _depth(keys) -> int:
+    """One more than the largest index in any key: a bound on the ResBlocks per level."""
+    return 1 + max((int(n) for k in keys for n in k.split(".") if n.isdigit()), default=0)
+
+
 def diffusers_layout(keys: list[str], part: str) -> dict[str, Source]:
     """Native key -> source over diffusers keys (without the part prefix); unknown keys are left out (unexpected)."""
     n_in = _count(keys, r"^block_in\.resnets\.(\d+)\.")
     n_blocks = _count(keys, r"^(?:up|down)_blocks\.(\d+)\.")
-
-    def resnet_prefix(block: str, up: str | None, down: str | None, i: int) -> str:
-        if part == "decoder":
-            if block == "block_in":
-                return f"blocks.0.{i + 1}"
-            if up is not None:
-                return f"blocks.{int(up) + 1}.blocks.{i}"
-            return f"blocks.{n_blocks + 1}.{i}"
-        if block == "block_in":
-            return f"layers.{i + 1}"
-        if down is not None:
-            return f"layers.{n_in + 1 + int(down)}.layers.{i + 1}"
-        return f"layers.{n_in + n_blocks + 1 + i}"
-
-    fixed = {
-        "decoder": {"conv_in": "blocks.0.0", "proj_out": "output_proj"},
-        "encoder": {"proj_in": "layers.0", "proj_out": "output_proj", "norm_out.norm_layer": "output_norm"},
-    }[part]
-    layout: dict[str, Source] = {}
-    qkv: dict[str, dict[str, str]] = {}
-    for key in keys:
-        module, _, param = key.rpartition(".")
-        native = None
-        if module in fixed:
-            native = f"{fixed[module]}.{param}"
-        elif m := re.match(r"^up_blocks\.(\d+)\.proj$", module):
-            native = f"blocks.{int(m.group(1)) + 1}.proj.{param}"
-        elif m := re.match(r"^down_blocks\.(\d+)\.conv_in\.conv$", module):
-            native = f"layers.{n_in + 1 + int(m.group(1))}.layers.0.{param}"
-        elif m := _IN_BLOCK.match(key):
-            block, up, down, kind, i, rest = m.groups()
-            prefix = resnet_prefix(block.split(".")[0], up, down, int(i))
-            inner, _, param = rest.rpartition(".")
-            if kind == "resnets" and inner in _RESNET:
-                native = f"{prefix}.{_RESNET[inner]}.{param}"
-            elif kind == "norms" and inner == "norm_layer":
-                native = f"{prefix}.attn_block.norm.{param}"
-            elif kind == "attentions" and inner == "to_out.0":
-                native = f"{prefix}.attn_block.attn.out.{param}"
-            elif kind == "attentions" and inner in ("to_q", "to_k", "to_v") and param == "weight":
-                qkv.setdefault(f"{prefix}.attn_block.attn.qkv.weight", {})[inner] = key
-        if native is not None:
-            layout[native] = Source((key,))
-    for native, parts in qkv.items():
-        # The native qkv weight is [q; k; v] stacked along the output rows; diffusers splits it in three.
-        if len(parts) == 3:
-            layout[native] = Source((parts["to_q"], parts["to_k"], parts["to_v"]), concat_rows)
+    present, layout = set(keys), {}
+    for native, modules in _module_table(part, n_in, n_blocks, _depth(keys)).items():
+        for param in ("weight", "bias"):
+            sources = tuple(f"{m}.{param}" for m in modules)
+            if all(s in present for s in sources):
+                layout[f"{native}.{param}"] = Source(sources, concat_rows if len(sources) > 1 else None)
     return layout
+
+
+def _native_counts(keys: list[str], part: str) -> tuple[int, int]:
+    """(n_in, n_blocks) of `_module_table` from native keys."""
+    if part == "decoder":
+        return _count(keys, r"^blocks\.0\.([1-9]\d*)\."), _count(keys, r"^blocks\.(\d+)\.proj\.")
+    downs = sorted({int(m.group(1)) for k in keys if (m := re.match(r"^layers\.(\d+)\.layers\.0\.", k))})
+    return (downs[0] - 1 if downs else 0), len(downs)
+
+
+def to_diffusers_state(state: Mapping[str, torch.Tensor], part: str) -> dict[str, torch.Tensor]:
+    """A native decoder's or encoder's tensors under diffusers' `AutoencoderKLMochi` names (`decoder.` / `encoder.`
+    prefixed): the inverse of `diffusers_layout`, from the same table."""
+    keys = list(state)
+    table = _module_table(part, *_native_counts(keys, part), _depth(keys))
+    out = {}
+    for key, tensor in state.items():
+        module, _, param = key.rpartition(".")
+        if module not in table:
+            raise CheckpointError(f"the VAE {part}'s tensor {key!r} has no name in diffusers' AutoencoderKLMochi")
+        for name, piece in zip(table[module], tensor.detach().cpu().chunk(len(table[module]))):
+            out[f"{part}.{name}.{param}"] = piece.contiguous()
+    return out
+
+
+def diffusers_vae_problems(decoder: DecoderConfig, encoder: EncoderConfig | None) -> list[str]:
+    """What diffusers' `AutoencoderKLMochi` cannot describe about this VAE (empty: it loads it).
+
+    It shares `layers_per_block` and the expansion factors between its halves, has no attention in the decoder and
+    takes RGB with the Fourier features at 2^6 and 2^7.
+    """
+    problems = [f"the decoder has attention {decoder.has_attention}"] if any(decoder.has_attention) else []
+    if encoder is not None:
+        pairs = {
+            "ResBlocks per level": (encoder.num_res_blocks, decoder.num_res_blocks),
+            "temporal factors": (encoder.temporal_reductions, decoder.temporal_expansions),
+            "spatial factors": (encoder.spatial_reductions, decoder.spatial_expansions),
+            "latent channels": (encoder.latent_dim, decoder.latent_dim),
+            "Fourier exponents": (encoder.fourier_exponents, (6, 7)),
+        }
+        problems += [f"the encoder's {what} are {a}, the decoder's {b}" for what, (a, b) in pairs.items() if a != b]
+    return problems
+
+
+def diffusers_vae_config(decoder: DecoderConfig, encoder: EncoderConfig | None, latents_mean, latents_std) -> dict:
+    """diffusers' vae/config.json for this decoder (and encoder; see `diffusers_vae_problems` for what it cannot
+    describe: the decoder's values are written then)."""
+    encoder = encoder or EncoderConfig(channels=decoder.channels, num_res_blocks=decoder.num_res_blocks)  # unwritten
+    return {
+        "_class_name": "AutoencoderKLMochi",
+        "act_fn": "silu",
+        "add_attention_block": list(encoder.has_attention),
+        "decoder_block_out_channels": list(decoder.channels),
+        "encoder_block_out_channels": list(encoder.channels),
+        "in_channels": 15,
+        "latent_channels": decoder.latent_dim,
+        "latents_mean": [float(x) for x in latents_mean],
+        "latents_std": [float(x) for x in latents_std],
+        "layers_per_block": list(decoder.num_res_blocks),
+        "out_channels": decoder.out_channels,
+        "scaling_factor": 1.0,
+        "spatial_expansions": list(decoder.spatial_expansions),
+        "temporal_expansions": list(decoder.temporal_expansions),
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------
