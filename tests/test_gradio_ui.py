@@ -3,6 +3,7 @@ gradio_client and the real page in headless Chromium."""
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 import os
@@ -14,6 +15,7 @@ from contextlib import closing
 from pathlib import Path
 
 import gradio as gr
+import numpy as np
 import pytest
 import torch
 from browser import chromium_page, free_port, server, wait_until_up
@@ -26,7 +28,7 @@ from mochi_preview.tiny import save_random_model
 from mochi_preview.video import read_video
 
 SMALL = dict(width=48, height=32, num_frames=13, num_steps=3)  # the test model's mochi_defaults.json
-FORM = {**Settings().to_file(), "prompt": "a red ball", "seed": 7, "random_seed": False, **SMALL}
+FORM = {**Settings().to_file(), "prompt": "a red ball", "seed": 7, "random_seed": False, "lora_path": "", **SMALL}
 LONG = dict(num_steps=1000)  # a job that runs long enough to be cancelled (the tiny model: ms per step)
 HUGE = dict(width=4096, height=4096, num_frames=997)  # issue 20: it once took the server's whole memory
 
@@ -89,14 +91,38 @@ def started(job, steps: int = 1, timeout: float = 60) -> None:
 
 
 def test_handler_writes_the_clis_files_and_reports_each_stage(loaded, rates, tmp_path):
-    updates, (video, record, seed, status) = run(gradio_ui.make_handler(studio(loaded, rates, tmp_path)), *values())
-    assert video.startswith(str(tmp_path / "output_")) and video.endswith(".mp4")
+    updates, (shown, record, seed, status, _) = run(gradio_ui.make_handler(studio(loaded, rates, tmp_path)), *values())
+    [video] = tmp_path.glob("output_*.mp4")
     frames, info = read_video(video)
-    assert frames.shape == (13, 32, 48, 3) and info["fps"] == 30
+    assert frames.shape == (13, 32, 48, 3) and info["fps"] == 30  # the saved file: native size
     assert record == json.loads(Path(video).with_suffix(".json").read_text())
     assert record["prompt"] == "a red ball" and record["seed"] == seed == 7 and len(record["sigmas"]) == 4
     assert status == "Done" and all(u[:3] == (gr.skip(),) * 3 for u in updates[:-1])
     assert sorted(p.suffix for p in tmp_path.iterdir()) == [".json", ".mp4"]  # nothing else, no partial file
+    assert Path(shown).name == video.name and Path(shown).parent != tmp_path  # the page shows a display copy
+
+
+def test_small_videos_are_shown_upscaled_by_a_whole_factor_with_nearest_neighbour(loaded, rates, tmp_path):
+    """The page's copy of a 48x32 clip is 8x larger (384x256), each source pixel a flat 8x8 block; a demo-like
+    clip (a square on a dark background) comes back as its own pixels."""
+    s = studio(loaded, rates, tmp_path)
+    _, (shown, *_) = run(gradio_ui.make_handler(s), *values())
+    big = read_video(shown)[0].astype(float)
+    assert big.shape == (13, 256, 384, 3)
+    blocks = big.reshape(13, 32, 8, 48, 8, 3)
+    inside = blocks[:, :, 2:6, :, 2:6].std(axis=(2, 4)).mean()  # within each block (its edges take the decoder's
+    # bilinear chroma upsampling of yuv420p): codec noise only
+    between = blocks.mean(axis=(2, 4)).std(axis=(1, 2)).mean()  # between blocks: the picture
+    print(f"display copy: within-block std {inside:.2f}, between blocks {between:.2f}")
+    assert inside < 0.1 * between
+    clip = np.full((7, 64, 64, 3), 16, np.uint8)
+    for t in range(7):
+        clip[t, 20:36, 8 + 4 * t : 24 + 4 * t] = (230, 40, 40)
+    copy = read_video(s._display_copy(list(clip), tmp_path / "clip.mp4"))[0].astype(float)
+    assert copy.shape == (7, 512, 512, 3)  # 8x: 512 px
+    assert np.abs(copy[:, 4::8, 4::8] - clip).mean() < 3  # block centres: the clip's pixels
+    large = np.zeros((1, gradio_ui.DISPLAY_SIZE // 2 + 16, 16, 3), np.uint8)
+    assert s._display_copy(large, tmp_path / "large.mp4") is None  # shown as it is
 
 
 def test_status_names_the_stage_step_and_seconds_per_step(loaded, rates, tmp_path):
@@ -110,8 +136,23 @@ def test_status_names_the_stage_step_and_seconds_per_step(loaded, rates, tmp_pat
     job.done.wait(60)
 
 
+@pytest.mark.parametrize("cache", [None, "first_block:0.1"])
+def test_the_first_step_is_labelled_sampling_not_encoding(loaded, rates, tmp_path, cache):
+    """During the first DiT call the page says "Sampling: step 1", also when a step cache runs the DiT's blocks
+    without its forward (the label once stayed "Encoding the prompt" through the whole sampling)."""
+    pipe, _ = loaded
+    s, seen = studio(loaded, rates, tmp_path), []
+    hook = pipe.dit.blocks[-1].register_forward_pre_hook(lambda m, a: seen.append(s.worker.current.status()))
+    try:
+        _, (*_, status, _) = run(gradio_ui.make_handler(s), *values(cache=cache))
+    finally:
+        hook.remove()
+    assert status == "Done" and seen[0].startswith("Sampling: step 1 of 3 · ")
+    assert all(line.startswith("Sampling: step ") for line in seen)
+
+
 def test_random_seed_is_drawn_and_recorded(loaded, rates, tmp_path):
-    _, (_, record, seed, _) = run(gradio_ui.make_handler(studio(loaded, rates, tmp_path)), *values(random_seed=True))
+    _, (_, record, seed, _, _) = run(gradio_ui.make_handler(studio(loaded, rates, tmp_path)), *values(random_seed=True))
     assert record["seed"] == seed != FORM["seed"]  # the seed field shows the drawn seed; the sidecar keeps it
 
 
@@ -176,6 +217,7 @@ def test_cancel_stops_the_job_between_steps_and_frees_the_queue(loaded, rates, t
     assert s.cancel("tab-1") == "Cancelling 1 job"
     thread.join(60)
     assert updates[-1][:3] == (gr.skip(),) * 3 and updates[-1][3].startswith("Cancelled at step ")
+    assert any(isinstance(u[4], np.ndarray) for u in updates)  # previews came while it sampled
     assert 2 <= job.steps_done < 1000 and not list(tmp_path.iterdir())  # between steps; nothing written
     _, (video, *_) = run(handler, *values())  # the next job runs
     assert Path(video).is_file()
@@ -271,16 +313,22 @@ def test_form_and_genmos_endpoint_are_built_from_the_settings_table(loaded, rate
     """Every setting has one input, labelled and filled as the table and the model's defaults say, in FORM's order;
     Genmo's endpoint takes Genmo's eight inputs in Genmo's order."""
     pipe, args = loaded
-    assert gradio_ui.FORM == (*[s.file for s in SETTINGS[:6]], "random_seed", *[s.file for s in SETTINGS[6:]])
+    assert gradio_ui.FORM == (*[s.file for s in SETTINGS[:6]], "random_seed", *[s.file for s in SETTINGS[6:]],
+                              "lora_path")  # fmt: skip
     s = studio(loaded, rates, tmp_path)
     assert list(inspect.signature(gradio_ui.make_handler(s)).parameters) == [*gradio_ui.FORM, "request"]
     demo = gradio_ui.build_ui(s, args, args.model_dir)
-    inputs = [b for b in demo.blocks.values() if isinstance(b, gr.Textbox | gr.Number)]
-    assert [b.label for b in inputs] == [s.label for s in SETTINGS]
-    assert [b.value for b in inputs][2:5] == [48, 32, 13]  # the model folder's mochi_defaults.json
-    assert all(getattr(b, "precision", None) is None for b in inputs)  # gradio would round 16.5 to 16
+    inputs = [demo.blocks[b._id] for b in endpoint(demo, "generate").inputs]
+    settings = [b for b, k in zip(inputs, gradio_ui.FORM, strict=True) if k not in ("random_seed", "lora_path")]
+    assert [b.label for b in settings] == [s.label for s in SETTINGS]
+    assert [b.value for b in settings][2:5] == [48, 32, 13]  # the model folder's mochi_defaults.json
+    assert all(getattr(b, "precision", None) is None for b in settings)  # gradio would round 16.5 to 16
+    uploads = {s.file: type(b).__name__ for s, b in zip(SETTINGS, settings, strict=True) if not isinstance(b,
+               gr.Textbox | gr.Number)}  # fmt: skip
+    assert uploads == {"image": "Image", "init_video": "Video", "extend": "Video"}  # file inputs are uploads
     labels = lambda name: [demo.blocks[b._id].label for b in endpoint(demo, name).inputs]  # noqa: E731
-    assert labels("generate") == [*[s.label for s in SETTINGS[:6]], "Random seed", *[s.label for s in SETTINGS[6:]]]
+    assert labels("generate") == [*[s.label for s in SETTINGS[:6]], "Random seed", *[s.label for s in SETTINGS[6:]],
+                                  "LoRAs"]  # fmt: skip
     assert labels("generate_video") == ["Prompt", "Negative prompt", "Width", "Height", "Frames", "Seed", "CFG scale",
                                         "Steps"]  # fmt: skip
     assert list(demo.fns.values())[0].api_name == "generate_video"  # also fn_index=0, as in Genmo's UI
@@ -315,10 +363,14 @@ def test_startup_errors_are_messages(model_dir, tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit):
         gradio_ui.main(["--sweep-file", "x.jsonl"])
     assert "--sweep-file and --output belong to the CLI" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        gradio_ui.main(["--preview", "p.png"])
+    assert "--preview belongs to the CLI (python -m mochi_preview.infer)" in capsys.readouterr().err
 
 
 def test_genmos_flags_are_taken(model_dir, tmp_path, monkeypatch):
-    """Genmo's --cpu_offload is the model offload memory mode; --lora_path merges a LoRA (PATH[:STRENGTH])."""
+    """Genmo's --cpu_offload is the model offload memory mode; --lora_path (PATH[:STRENGTH]) fills the LoRA field,
+    whose LoRAs each job applies live (nothing is merged at startup)."""
     from mochi_preview.lora import save_lora_native
 
     args = gradio_ui.build_parser().parse_args(["--model_dir", str(model_dir), "--cpu_offload", "--dtype", "fp32"])
@@ -328,14 +380,17 @@ def test_genmos_flags_are_taken(model_dir, tmp_path, monkeypatch):
         MochiPipeline, "load_lora_weights", lambda pipe, path, strength=1.0: merged.append((path, strength))
     )
     monkeypatch.setattr(MochiPipeline, "fuse_lora", lambda pipe: merged.append("fused"))
-    monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kw: served.append(kw))
+    monkeypatch.setattr(gr.Blocks, "launch", lambda self, **kw: served.append((self, kw)))
     lora = save_lora_native(
         tmp_path / "style.safetensors", {"blocks.0.attn.qkv_x": (torch.ones(2, 8), torch.ones(8, 2))}, 2, 2.0
     )
     argv = ["--model_dir", str(model_dir), "--dtype", "fp32", "--quiet", "--out_dir", str(tmp_path / "out")]
     assert gradio_ui.main([*argv, "--lora_path", f"{lora}:0.5", "--port", "7999"]) == 0
-    assert merged == [(lora, 0.5), "fused"]
-    assert served[0]["server_port"] == 7999
+    assert merged == []
+    demo, kw = served[0]
+    assert kw["server_port"] == 7999
+    [field] = [b for b in demo.blocks.values() if getattr(b, "label", None) == "LoRAs"]
+    assert field.value == f"{lora}:0.5"
 
 
 def test_gradio_client_huge_request_is_refused_while_a_job_runs_and_genmos_script_runs(ui_server):
@@ -362,6 +417,12 @@ def test_gradio_client_huge_request_is_refused_while_a_job_runs_and_genmos_scrip
     assert read_video(path)[0].shape == (13, 32, 48, 3)
     [sidecar] = [json.loads(p.read_text()) for p in (folder / "outputs").glob("*.json")]
     assert (sidecar["seed"], sidecar["num_steps"], sidecar["cfg_scale"]) == (7, 3, 6.0)
+    from gradio_client import handle_file
+    from PIL import Image
+
+    Image.new("RGB", (48, 32), (200, 30, 30)).save(folder / "first.png")  # an upload into the Image input
+    video, record, *_ = client.predict(*values(image=handle_file(str(folder / "first.png"))), api_name="/generate")
+    assert record["conditioning"]["input"] == "image" and record["image"].endswith(".png")
 
 
 def test_page_generates_cancels_and_generates_again_in_chromium(ui_server):
@@ -381,6 +442,8 @@ def test_page_generates_cancels_and_generates_again_in_chromium(ui_server):
         src = video.get_attribute("src")
         assert src.startswith(url) and src.endswith(".mp4")
         assert page.request.get(src).body()[4:8] == b"ftyp"  # the page's video is served, and it is an MP4
+        rendering = page.locator("#video video").evaluate("v => getComputedStyle(v).imageRendering")
+        assert rendering == "pixelated"  # any stretch beyond the served copy's whole factor stays sharp
         [mp4] = [p for p in out.glob("output_*.mp4") if "a lemon on a table" in p.with_suffix(".json").read_text()]
         assert read_video(mp4)[0].shape == (13, 32, 48, 3)
         page.get_by_text('"a lemon on a table"').wait_for()  # the settings panel shows the sidecar
@@ -389,6 +452,7 @@ def test_page_generates_cancels_and_generates_again_in_chromium(ui_server):
         page.get_by_label("Steps").fill("1000")
         page.get_by_role("button", name="Generate").click()
         page.locator("#status").get_by_text("Sampling: step").wait_for(timeout=60_000)
+        page.locator("#preview img").wait_for(timeout=30_000)  # the preview shows while it samples
         page.get_by_role("button", name="Cancel").click()
         page.locator("#status").get_by_text("Cancelled at step").wait_for(timeout=30_000)
         assert set(out.iterdir()) == before  # nothing written
@@ -430,3 +494,51 @@ def test_without_gradio_the_ui_says_which_setup_option_installs_it():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "the web UI needs gradio: install it with `bash scripts/setup.sh --ui`" in proc.stderr
+
+
+def test_lora_field_applies_loras_live_between_jobs_and_records_them(loaded, rates, tmp_path, monkeypatch):
+    """One LoRA at 1.5, then at 0 (the same adapter, bitwise the base video), then none: the model is never
+    reloaded, and each sidecar records the LoRAs the job used."""
+    from mochi_preview.lora import save_lora_native
+
+    pipe, _ = loaded
+    out, g = pipe.dit.blocks[0].attn.qkv_x.weight.shape, torch.Generator().manual_seed(0)
+    lora = save_lora_native(tmp_path / "style.safetensors", {"blocks.0.attn.qkv_x": (
+        torch.randn(2, out[1], generator=g), torch.randn(out[0], 2, generator=g))}, 2, 2.0)  # fmt: skip
+    monkeypatch.setattr(MochiPipeline, "from_pretrained", lambda *a, **k: pytest.fail("the model was reloaded"))
+    handler = gradio_ui.make_handler(studio(loaded, rates, tmp_path / "out"))
+    record = lambda **kw: run(handler, *values(**kw))[1][1]  # noqa: E731
+    base, strong = record(), record(lora_path=f"  {lora}:1.5\n\n")
+    adapters = dict(pipe.loras.adapters)
+    zero = record(lora_path=f"{lora}:0")
+    kept = dict(pipe.loras.adapters)
+    none = record(lora_path="")
+    assert [(r["file"], r["strength"], r["fused"]) for r in strong["loras"]] == [("style.safetensors", 1.5, False)]
+    assert strong["loras"][0]["sha256"] == hashlib.sha256(lora.read_bytes()).hexdigest()
+    assert strong["frames_digest"] != base["frames_digest"]
+    assert zero["loras"][0]["strength"] == 0 and zero["frames_digest"] == base["frames_digest"]
+    assert kept.keys() == adapters.keys() and all(kept[k] is a for k, a in adapters.items())  # only the strength
+    assert none["loras"] == [] and none["frames_digest"] == base["frames_digest"] and not pipe.loras.adapters
+
+
+@pytest.mark.parametrize(
+    "field, message",
+    [
+        ("{tmp}/nowhere.safetensors", r"LoRAs: .*nowhere\.safetensors: "),
+        ("{tmp}/style.safetensors:nan", r"LoRAs: .*style\.safetensors:nan: LoRA strength must be a finite number"),
+        ("{tmp}/other.safetensors", r"LoRAs: .*other\.safetensors: .*does not fit the DiT.*\(8, 8\)"),
+    ],
+)
+def test_bad_loras_are_refused_before_anything_is_queued(loaded, rates, tmp_path, field, message):
+    from mochi_preview.lora import save_lora_native
+
+    pipe, _ = loaded
+    out = pipe.dit.blocks[0].attn.qkv_x.weight.shape
+    save_lora_native(tmp_path / "style.safetensors", {"blocks.0.attn.qkv_x": (torch.ones(2, out[1]),
+                     torch.ones(out[0], 2))}, 2, 2.0)  # fmt: skip
+    save_lora_native(tmp_path / "other.safetensors", {"blocks.0.attn.qkv_x": (torch.ones(2, 8), torch.ones(8, 2))}, 2,
+                     2.0)  # fmt: skip  # a LoRA for another model: its shapes do not fit
+    s = studio(loaded, rates, tmp_path / "out")
+    with pytest.raises(gr.Error, match=message):
+        run(gradio_ui.make_handler(s), *values(lora_path=field.format(tmp=tmp_path)))
+    assert s.worker.waiting() == 0 and s.worker.current is None and not (tmp_path / "out").exists()

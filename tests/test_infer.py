@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 from model_folders import save_diffusers_model
+from PIL import Image
 
 from mochi_preview import outputs
 from mochi_preview.demo.vocabulary import DEMO_PROMPT, prompt_warning
@@ -412,3 +414,47 @@ def test_loras_presets_and_step_caches_through_the_cli(native_dir, tmp_path, cap
     with pytest.raises(SystemExit) as e:  # a word outside the choices: the parser's usage error
         run(*base, "--out_dir", tmp_path / "refused", "--schedule", "cosine")
     assert e.value.code == 2 and "invalid choice: 'cosine'" in capsys.readouterr().err
+
+
+def test_preview_png_is_rewritten_during_sampling_and_stages_are_reported(native_dir, tmp_path, capsys, monkeypatch):
+    """--preview writes a PNG every --preview_every steps and after the last; without --quiet, stderr names each
+    stage in order: the prompt, the sampling steps (i/N with the time per step), the decode."""
+    from mochi_preview import infer, preview
+
+    written = []
+
+    def write_png(path, image):
+        written.append(image.shape)
+        return preview.write_png(path, image)
+
+    monkeypatch.setattr(infer, "write_png", write_png)
+    png, out = tmp_path / "previews" / "now.png", tmp_path / "out"
+    (tmp_path / "previews").mkdir()
+    args = ["--prompt", "x", "--model_dir", native_dir, "--out_dir", out, "--preview", png, "--preview_every", 2]
+    assert run(*args, *[a for a in SMALL if a != "--quiet"], "--num_steps", 5) == 0
+    assert len(written) == 3  # after steps 2, 4 and 5
+    image = np.asarray(Image.open(png))
+    assert image.dtype == np.uint8 and image.shape == written[-1] and image.shape[2] == 3
+    assert [p.name for p in png.parent.iterdir()] == ["now.png"]  # written whole: no temporary file left
+    err = capsys.readouterr().err
+    text, steps, decode = (err.index(s) for s in ("text: encoding the prompt", "5/5 [", "decoding: the VAE"))
+    assert text < steps < decode and re.search(r"5/5 \[[0-9:<]+, +[0-9.]+(s/step|step/s)\]", err)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--preview", "p.jpg"], "--preview p.jpg: must end in .png"),
+        (["--preview_every", "0"], "--preview_every must be a whole number of steps >= 1; got 0"),
+        (["--preview", "in.png", "--image", "in.png"], "--preview in.png is the input --image: it would be overwrit"),
+        (["--preview", "folder.png"], "--preview folder.png is a folder; give a .png file path"),
+    ],
+)
+def test_bad_preview_flags_are_refused_before_loading(native_dir, tmp_path, capsys, no_loading, args, message,
+                                                      monkeypatch):  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    Image.new("RGB", (48, 32)).save("in.png")
+    (tmp_path / "folder.png").mkdir()
+    assert run("--model_dir", native_dir, "--out_dir", tmp_path / "out", *SMALL, *args) == 2
+    assert message in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder.png", "in.png"]

@@ -5,7 +5,11 @@ The form holds the CLI's settings and generates through the CLI's own code (`inf
 The pipeline is loaded once at startup. Every request is checked and estimated (seconds on this device, memory) before
 it is queued: one beyond the machine or the server's limits is refused at once, with the estimate. One thread runs the
 jobs on the device, one at a time; at most `--max_queue` more wait. A job stops between steps when it is cancelled, its
-client goes away, or it runs past `--max_job_seconds`. Genmo's endpoint `/generate_video` takes Genmo's inputs.
+client goes away, or it runs past `--max_job_seconds`. While it samples, the page shows the stage (prompt, step i of N
+with seconds per step, decode) and a preview image (preview.py). The LoRA field's LoRAs are applied live for each job
+(the model is never reloaded); image and video inputs are uploads. A small video is shown upscaled by a whole factor
+with nearest neighbour (the saved file stays native). Genmo's endpoint `/generate_video` takes Genmo's inputs and
+returns the saved file.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import json
 import os
 import secrets
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -36,20 +41,29 @@ except ModuleNotFoundError as e:  # an optional dependency: say which set-up opt
         raise
     print("error: the web UI needs gradio: install it with `bash scripts/setup.sh --ui`", file=sys.stderr)
     raise SystemExit(2) from None
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from . import infer  # noqa: E402
 from . import settings as table  # noqa: E402
 from .demo.vocabulary import DEMO_PROMPT, prompt_warning  # noqa: E402
 from .estimate import Estimate, Rates, describe, estimate, gib  # noqa: E402
+from .lora import check_lora_file, parse_lora_arg, read_lora  # noqa: E402
 from .pipeline import DeviceMemoryError, MochiPipeline, NonFiniteLatentsError, release_memory  # noqa: E402
+from .preview import Previewer, projection_for  # noqa: E402
 from .settings import SETTINGS, Settings  # noqa: E402
+from .video import encode_video  # noqa: E402
 
 # What the user can get wrong (settings, memory, NaNs, files): shown as a message in the page, never as a traceback.
 USER_ERRORS = (ValueError, OSError, NonFiniteLatentsError, DeviceMemoryError)
-RANDOM_SEED = "random_seed"  # the form's one field that is not a setting: draw a new seed each time
+RANDOM_SEED = "random_seed"  # a form field that is not a setting: draw a new seed each time
+LORAS = "lora_path"  # another: LoRAs applied live, one PATH[:STRENGTH] a line (the CLI's --lora_path)
 # The form's fields (the settings' file names, as in sweep files and sidecars), in the order the handler takes them.
-FORM = tuple(k for s in SETTINGS for k in ((s.file, RANDOM_SEED) if s.api == "seed" else (s.file,)))
+FORM = (*(k for s in SETTINGS for k in ((s.file, RANDOM_SEED) if s.api == "seed" else (s.file,))), LORAS)
+UPLOADS = {"image": "image", "init_video": "video", "extend": "video"}  # file settings with an upload input
+DISPLAY_SIZE = 512  # a smaller video is shown upscaled by a whole factor, nearest neighbour (the file stays native)
+DISPLAY_KEPT = 8  # display copies kept (gradio serves its own copy once a result is shown)
+CSS = "#video video { image-rendering: pixelated; }"  # and any further stretch by the browser stays sharp
 # Genmo's demos/gradio_ui.py endpoint inputs, in its order (spec §8.2): a gradio_client script for it runs here.
 GENMO = ("prompt", "negative_prompt", "width", "height", "num_frames", "seed", "cfg_scale", "num_steps")
 SECTIONS = {
@@ -113,7 +127,11 @@ class Job:
     step_times: list[float] = field(default_factory=list)  # seconds of each finished step
     last_step: float = 0.0  # when the latest step ended
     seen: float = field(default_factory=time.monotonic)  # when its request last asked about it
+    loras: tuple[tuple[Path, float], ...] = ()  # applied live for this job
+    preview: np.ndarray | None = None  # the latest preview image (preview.py)
+    previews: int = 0  # how many were shown
     video: Path | None = None
+    display: Path | None = None  # the page's copy of a small video, upscaled (None: the video itself)
     error: BaseException | None = None
 
     @property
@@ -122,6 +140,9 @@ class Job:
 
     def enter(self, stage: str) -> None:
         self.stage, self.stage_started = stage, time.monotonic()
+
+    def show(self, image: np.ndarray) -> None:
+        self.preview, self.previews = image, self.previews + 1
 
     def check(self) -> None:
         """Raise JobStopped if the job must stop now (called between steps)."""
@@ -260,7 +281,11 @@ class Studio:
         self.pipe, self.out_dir, self.options, self.limits, self.demo = pipe, Path(out_dir), options, limits, demo
         self.rates = rates
 
+        self._display = tempfile.TemporaryDirectory(prefix="mochi-ui-display-")  # removed with the Studio
+        self.display_dir = Path(self._display.name)
+
         def measure():
+            projection_for(pipe)  # the preview's latent -> RGB fit: a few small decodes, once, before any job
             if self.rates is None:
                 self.rates = Rates.measure(pipe)
                 start = time.monotonic()
@@ -272,14 +297,14 @@ class Studio:
     def request(self, values: dict, session: str | None = None) -> Job:
         """A form's values (keyed as FORM) as a queued Job; ValueError naming the problem (settings, limits, the
         estimate) before anything is queued, QueueFull when the queue is."""
-        s = read_form(values)
+        s, loras = read_form(values), self._read_loras(values.get(LORAS))
         tokens, notices = self._read_prompts(s)
         est = estimate(self.pipe, s, self.rates, tokens, self.options.batch_cfg)
         if problems := self.limits.problems(s, est):
             raise ValueError(f"Refused: {'; '.join(problems)}. Estimate on this machine: {summary(est)}")
         if est.seconds > WARN_SECONDS:
             notices.append(f"This job will take about {describe(est.seconds)} on this device ({summary(est)})")
-        job = Job(s, est, session, self.limits.max_job_seconds, notices)
+        job = Job(s, est, session, self.limits.max_job_seconds, notices, loras=loras)
         self.worker.submit(job)
         return job
 
@@ -297,6 +322,17 @@ class Studio:
     def cancel(self, session: str | None) -> str:
         n = self.worker.cancel(session)
         return f"Cancelling {n} job{'s' * (n != 1)}" if n else "Nothing to cancel"
+
+    def _read_loras(self, text: str | None) -> tuple[tuple[Path, float], ...]:
+        """The LoRA field, each file read and checked against this DiT (format, shapes, finite values) before the
+        job is queued; ValueError naming the line."""
+        loras = read_loras(text)
+        for path, _ in loras:
+            try:
+                read_lora(path, self.pipe.dit)
+            except (ValueError, OSError) as e:
+                raise ValueError(f"LoRAs: {path}: {e}") from None
+        return loras
 
     def _read_prompts(self, s: Settings) -> tuple[tuple[int, int], list[str]]:
         """(T5 tokens of the prompt and of the negative prompt, notices): a prompt cut to T5's length, and on the
@@ -321,19 +357,28 @@ class Studio:
                 job.enter("dit")
             job.check()
 
+        previewer = Previewer(job.show).prepare(self.pipe)
+
         def on_step(pipe, i, sigma, state):
             now = time.monotonic()
             job.step_times.append(now - (job.stage_started if not job.step_times else job.last_step))
             job.last_step, job.steps_done = now, i + 1
+            previewer(pipe, i, sigma, state)
             if i + 1 == job.steps:
                 job.enter("vae")
             else:
                 job.check()
 
+        def display(frames):
+            job.display = self._display_copy(frames, path)
+
         job.enter("text")
-        hook = self.pipe.dit.register_forward_pre_hook(before_dit)
+        apply_loras(self.pipe, job.loras)
+        # on the first block, which every DiT path runs (a step cache runs the blocks without the DiT's forward)
+        hook = self.pipe.dit.blocks[0].register_forward_pre_hook(before_dit)
+        path = infer.new_output_path(self.out_dir)
         try:
-            video = infer.generate(self.pipe, job.settings, infer.new_output_path(self.out_dir), self.options, on_step)
+            video = infer.generate(self.pipe, job.settings, path, self.options, on_step, display)
         except BaseException as e:
             if isinstance(e, JobStopped):
                 print(f"job stopped: {e}", file=sys.stderr)
@@ -349,12 +394,25 @@ class Studio:
         self.rates.observe(job.estimate, seconds)
         return video
 
+    def _display_copy(self, frames, like: Path) -> Path | None:
+        """The page's copy of a video smaller than DISPLAY_SIZE: upscaled by a whole factor with nearest neighbour,
+        so the browser does not stretch it blurred (the saved file stays native); None for a larger video."""
+        frames = np.stack([np.asarray(f) for f in frames])  # (T, H, W, 3)
+        k = DISPLAY_SIZE // max(frames.shape[1:3])
+        if k < 2:
+            return None
+        k -= k % 8 if k >= 8 else 0  # blocks on the codec's 8x8 grid: flat inside
+        for old in sorted(self.display_dir.iterdir(), key=lambda p: p.stat().st_mtime)[: -DISPLAY_KEPT + 1]:
+            old.unlink(missing_ok=True)
+        big = frames.repeat(k, axis=1).repeat(k, axis=2)
+        return Path(encode_video(big, self.display_dir / like.name, self.options.fps))
+
     def result(self, job: Job) -> tuple[str, dict, int]:
-        """(video path, sidecar, seed) of a finished job, or the gr.Error that says why there is none."""
+        """(the video to show, sidecar, seed) of a finished job, or the gr.Error that says why there is none."""
         error = job.error
         if error is None:
             record = json.loads(job.video.with_suffix(".json").read_text())
-            return str(job.video), record, record["seed"]
+            return str(job.display or job.video), record, record["seed"]
         job.error = None  # the job (and its error's frames, holding tensors) must not outlive the request
         message = _message(error)
         print(f"error: {message}", file=sys.stderr)
@@ -382,13 +440,38 @@ def summary(est: Estimate) -> str:
     )
 
 
+def read_loras(text: str | None) -> tuple[tuple[Path, float], ...]:
+    """The LoRA field: one PATH[:STRENGTH] a line (the CLI's --lora_path syntax), each file's header checked
+    (exists, safetensors, a known layout); ValueError naming the line."""
+    loras = []
+    for line in filter(None, (line.strip() for line in (text or "").splitlines())):
+        try:
+            path, strength = parse_lora_arg(line)
+            check_lora_file(path)
+        except (ValueError, OSError) as e:
+            raise ValueError(f"LoRAs: {line}: {e}") from None
+        loras.append((path, strength))
+    return tuple(loras)
+
+
+def apply_loras(pipe: MochiPipeline, loras: tuple[tuple[Path, float], ...]) -> None:
+    """Make exactly `loras` live on the DiT (never reloading the model): the same files as the last job keep their
+    adapters and take the new strengths; another set replaces them."""
+    loaded = [a.lora.path.resolve() for a in pipe.loras.adapters.values()]
+    if loaded != [Path(p).resolve() for p, _ in loras]:
+        pipe.unload_lora_weights()
+        for path, _ in loras:
+            pipe.load_lora_weights(path)
+    pipe.set_adapters(list(pipe.loras.adapters), [strength for _, strength in loras])
+
+
 def read_form(values: dict) -> Settings:
     """The form's values (keyed as FORM) as checked `Settings`; errors name the form's labels.
 
     "Random seed" (or an empty Seed) draws the seed here, below 2**32: a browser shows numbers above 2**53 rounded,
     so a seed the page shows must be one the page can give back.
     """
-    given = {k: v for k, v in values.items() if k != RANDOM_SEED}
+    given = {k: v for k, v in values.items() if k not in (RANDOM_SEED, LORAS)}
     s = Settings().updated(given, "ui")
     # an empty box of an optional text setting (an input image's path...) means "not given", not ""
     empty = [table.BY_FILE[k] for k, v in given.items() if not v and table.BY_FILE[k].kind is str]
@@ -399,8 +482,9 @@ def read_form(values: dict) -> Settings:
 
 
 def make_handler(studio: Studio):
-    """The Generate button's function, a generator: form values in (FORM's order); (video, sidecar, seed, status)
-    out, the status every POLL_SECONDS while the job waits and runs; a gr.Error with the message on failure."""
+    """The Generate button's function, a generator: form values in (FORM's order); (video, sidecar, seed, status,
+    preview) out, the status (and a new preview image, if any) every POLL_SECONDS while the job waits and runs; a
+    gr.Error with the message on failure."""
 
     def generate(*values):
         values, request = _split_request(values, FORM)
@@ -411,31 +495,36 @@ def make_handler(studio: Studio):
             raise gr.Error(str(e), print_exception=False) from None
         for notice in job.notices:
             gr.Warning(notice)
+        shown = None  # the previous job's preview is cleared by the first update
         with closing(studio.follow(job)) as statuses:  # closed early (the page went away, /cancel): job cancelled
             for status in statuses:
-                yield gr.skip(), gr.skip(), gr.skip(), status
+                preview = gr.skip() if job.previews == shown else job.preview
+                shown = job.previews
+                yield gr.skip(), gr.skip(), gr.skip(), status, preview
         if isinstance(job.error, JobStopped) and job.cancel.is_set():  # the user asked for it: no error
-            yield gr.skip(), gr.skip(), gr.skip(), str(job.error)
+            yield gr.skip(), gr.skip(), gr.skip(), str(job.error), gr.skip()
             return
+        last = job.preview if job.previews != shown else gr.skip()
         try:
-            yield *studio.result(job), "\n\n".join([*(f"⚠️ {n}" for n in job.notices), "Done"])
+            yield *studio.result(job), "\n\n".join([*(f"⚠️ {n}" for n in job.notices), "Done"]), last
         except gr.Error as e:
-            yield gr.skip(), gr.skip(), gr.skip(), f"**Failed:** {e.message}"
+            yield gr.skip(), gr.skip(), gr.skip(), f"**Failed:** {e.message}", gr.skip()
             raise
 
     return _with_parameters(generate, FORM)
 
 
-def make_genmo_handler(studio: Studio, defaults: Settings):
-    """Genmo's endpoint: its eight inputs in its order, the video out (the other settings: the model's defaults)."""
-    base = {**defaults.to_file(), RANDOM_SEED: False}
+def make_genmo_handler(studio: Studio, defaults: Settings, loras: str = ""):
+    """Genmo's endpoint: its eight inputs in its order, the saved video out (the other settings: the model's defaults;
+    the LoRAs: `loras`, the server's --lora_path, as Genmo's UI applies its LoRA to every call)."""
+    base = {**defaults.to_file(), RANDOM_SEED: False, LORAS: loras}
 
     def generate_video(*values):
         values, request = _split_request(values, GENMO)
         form = {**base, **dict(zip(GENMO, values, strict=True))}
         with closing(make_handler(studio)(*(form[k] for k in FORM), request)) as updates:
-            for video, *_ in updates:
-                yield video
+            for video, *_ in updates:  # the saved file itself, not the page's upscaled copy
+                yield studio.out_dir / Path(video).name if isinstance(video, str) else video
 
     return _with_parameters(generate_video, GENMO)
 
@@ -481,8 +570,13 @@ def _clean_up(pipe: MochiPipeline) -> None:
 
 
 def _input(s: table.Setting, value) -> gr.components.Component:
-    """The form's input for one setting: its label, initial value and hints all come from the settings table.
-    Numbers arrive unrounded (no `precision`): 16.5 is refused by the settings check, as in the CLI."""
+    """The form's input for one setting: its label, initial value and hints all come from the settings table; an
+    input file is an upload (its value: the uploaded file's path). Numbers arrive unrounded (no `precision`): 16.5
+    is refused by the settings check, as in the CLI."""
+    if UPLOADS.get(s.file) == "image":
+        return gr.Image(value, label=s.label, type="filepath", sources=["upload"])
+    if UPLOADS.get(s.file) == "video":
+        return gr.Video(value, label=s.label, sources=["upload"], format=None)
     if s.kind is str:
         return gr.Textbox(value, label=s.label, **s.ui)
     return gr.Number(value, label=s.label, **{k: v for k, v in s.ui.items() if k != "precision"})
@@ -513,6 +607,11 @@ def build_ui(studio: Studio, args: argparse.Namespace, model_dir: Path) -> gr.Bl
                                 form[RANDOM_SEED] = gr.Checkbox(
                                     False, label="Random seed", info="draw a new seed each time"
                                 )
+                with gr.Accordion("LoRA", open=bool(args.lora_path)):
+                    form[LORAS] = gr.Textbox(
+                        "\n".join(args.lora_path), label="LoRAs", lines=2, placeholder="(none)",
+                        info="one PATH[:STRENGTH] a line (Genmo, diffusers/peft or ComfyUI files), applied live",
+                    )  # fmt: skip
                 preview = gr.Markdown(elem_id="estimate")
                 with gr.Row():
                     button = gr.Button("Generate", variant="primary")
@@ -520,15 +619,18 @@ def build_ui(studio: Studio, args: argparse.Namespace, model_dir: Path) -> gr.Bl
                 hidden = gr.Button(visible=False)  # Genmo's API endpoint's trigger
             with gr.Column():
                 status = gr.Markdown(elem_id="status")
-                video = gr.Video(label="Video", format="mp4", interactive=False, autoplay=True, loop=True)
+                shown = gr.Image(label="Preview (while sampling)", interactive=False, elem_id="preview", height=160)
+                video = gr.Video(
+                    label="Video", format="mp4", interactive=False, autoplay=True, loop=True, elem_id="video"
+                )
                 record = gr.JSON(label="Settings (the sidecar JSON)")
         inputs = [form[k] for k in FORM]
         hidden.click(
-            make_genmo_handler(studio, d), [form[k] for k in GENMO], [video], api_name="generate_video",
-            concurrency_limit=None, show_progress="hidden",
+            make_genmo_handler(studio, d, "\n".join(args.lora_path)), [form[k] for k in GENMO], [video],
+            api_name="generate_video", concurrency_limit=None, show_progress="hidden",
         )  # fmt: skip
         button.click(
-            make_handler(studio), inputs, [video, record, form["seed"], status], api_name="generate",
+            make_handler(studio), inputs, [video, record, form["seed"], status, shown], api_name="generate",
             concurrency_limit=None, show_progress="hidden",
         )  # fmt: skip
 
@@ -590,6 +692,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--sweep-file and --output belong to the CLI (python -m mochi_preview.infer)")
     if args.save_latents is not None or args.decode_latents is not None:  # a decode that fails writes them anyway
         parser.error("--save_latents and --decode_latents belong to the CLI (python -m mochi_preview.infer)")
+    if args.preview is not None:
+        parser.error("--preview belongs to the CLI (python -m mochi_preview.infer); the page shows previews itself")
     if args.fps <= 0:
         parser.error(f"--fps must be a positive number; got {args.fps}")
     try:
@@ -597,7 +701,8 @@ def main(argv: list[str] | None = None) -> int:
         check_server_args(args)
         model_dir = infer.find_model_dir(args.model_dir)
         table.from_arguments(args, infer.cli_defaults(model_dir, args.preset)).check("cli")
-        pipe, model_dir = infer.load_pipeline(args, model_dir)  # once, before serving: requests never wait for it
+        # once, before serving: requests never wait for it; --lora_path fills the LoRA field (applied live per job)
+        pipe, model_dir = infer.load_pipeline(argparse.Namespace(**{**vars(args), "lora_path": []}), model_dir)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -610,7 +715,8 @@ def main(argv: list[str] | None = None) -> int:
     demo.queue(default_concurrency_limit=None)
     # show_error: an unexpected failure still shows its message in the page (the traceback stays in the console)
     out = str(args.out_dir.resolve())
-    demo.launch(server_name=args.host, server_port=args.port, allowed_paths=[out], show_error=True)
+    allowed = [out, str(studio.display_dir)]
+    demo.launch(server_name=args.host, server_port=args.port, allowed_paths=allowed, show_error=True, css=CSS)
     return 0
 
 

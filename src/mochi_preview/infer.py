@@ -40,11 +40,13 @@ from .pipeline import (
     decode_frames,
     resolve_model_dir,
 )
+from .preview import Previewer, write_png
 from .sampling import PRESETS
 from .settings import Settings, model_defaults
 from .video import encode_video, frames_digest, stream_digest
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+PREVIEW_EVERY = 4  # --preview_every's default: steps between preview images
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,8 @@ class RunOptions:
     batch_cfg: bool | str = "auto"  # both CFG branches in one batch: True, False, "auto" (when memory allows)
     progress: bool = True  # a progress bar on stderr
     save_latents: Path | None = None  # also write the finished latents there, before the decode (a latents file)
+    preview: Path | None = None  # a PNG rewritten every `preview_every` steps while sampling (preview.py)
+    preview_every: int = PREVIEW_EVERY
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> RunOptions:
@@ -63,6 +67,8 @@ class RunOptions:
             batch_cfg={"auto": "auto", "on": True, "off": False}[args.batch_cfg],
             progress=not args.quiet,
             save_latents=getattr(args, "save_latents", None),
+            preview=getattr(args, "preview", None),
+            preview_every=getattr(args, "preview_every", PREVIEW_EVERY),
         )
 
 
@@ -162,6 +168,20 @@ def build_parser(defaults: Settings | None = None) -> argparse.ArgumentParser:
         type=Path,
         metavar="PATH",
         help="also write the finished latents to PATH (.safetensors, with what decoding them needs) before decoding",
+    )
+    p.add_argument(
+        "--preview",
+        type=Path,
+        metavar="PATH",
+        help="a PNG of the predicted video (a few frames, from a cheap latent -> RGB projection), rewritten every "
+        "--preview_every steps while sampling",
+    )
+    p.add_argument(
+        "--preview_every",
+        type=int,
+        default=PREVIEW_EVERY,
+        metavar="N",
+        help=f"steps between --preview images (default {PREVIEW_EVERY}; the last step always writes one)",
     )
     p.add_argument(
         "--decode_latents",
@@ -384,11 +404,13 @@ def generate(
     output: Path | None,
     options: RunOptions = RunOptions(),  # frozen: a shared default is safe
     callback=None,
+    on_frames=None,
 ) -> Path | None:
     """Generate one video to `output` (an .mp4 path, + a `.json` sidecar), published together (outputs.py).
 
     `settings` are checked by the pipeline (callers that can, check them earlier, before loading weights);
     `seed=None` draws a random seed, which the sidecar records. `callback`: the pipeline's callback_on_step_end.
+    `on_frames(frames)`: called with the video's frames (T, H, W, 3) once it is published (the web UI's display copy).
     `output` is claimed here unless `new_output_path` claimed it; any exception (KeyboardInterrupt too, or one
     `callback` raises) leaves no file behind and gives the name back. Under torchrun every rank generates and only
     rank 0 writes (the others pass None and get None).
@@ -429,6 +451,8 @@ def generate(
         if claim is not None:
             claim.release()
         raise
+    if on_frames is not None:
+        on_frames(frames)
     summary = ", ".join(f"{k} {v:.1f} s / {out.peak_memory.get(k, 0) / 2**30:.2f} GiB" for k, v in out.timings.items())
     print(f"wrote {video} ({summary})", file=sys.stderr)  # the one line --quiet keeps: the result
     return video
@@ -437,18 +461,29 @@ def generate(
 def _sample_and_decode(pipe: MochiPipeline, settings: Settings, output: Path | None, options: RunOptions, callback):
     """The pipeline's output for `settings`, with the latents kept in a file when the decode runs out of memory."""
     saved: list[Path] = []
-    on_step = callback
-    if options.save_latents is not None and pipe.is_main_process:
-        last_step = len(settings.sigmas) - 2
+    main_process = pipe.is_main_process
+    show = main_process and options.progress
+    previewer = None
+    if options.preview is not None and main_process:  # fitted now: the decoder never runs in the middle of sampling
+        previewer = Previewer(lambda image: write_png(options.preview, image), options.preview_every).prepare(pipe)
+    last_step = len(settings.sigmas) - 2
 
-        def on_step(p, i, sigma, state):
-            out = callback(p, i, sigma, state) if callback is not None else None
-            if i == last_step:  # the latents the decoder gets: these, or what the callback replaced them with
-                replaced = out.get("latents") if isinstance(out, dict) else None
-                z = state["latents"] if replaced is None else replaced
-                saved.append(save_latents(options.save_latents, z, latents_metadata(pipe, settings, options)))
-                print(f"wrote {saved[-1]} (the latents)", file=sys.stderr)
-            return out
+    def on_step(p, i, sigma, state):
+        out = callback(p, i, sigma, state) if callback is not None else None
+        replaced = out.get("latents") if isinstance(out, dict) else None
+        z = state["latents"] if replaced is None else replaced  # what the next step (or the decoder) gets
+        if previewer is not None:
+            previewer(p, i, sigma, {**state, "latents": z})
+        if i == last_step and options.save_latents is not None and main_process:
+            saved.append(save_latents(options.save_latents, z, latents_metadata(pipe, settings, options)))
+            print(f"wrote {saved[-1]} (the latents)", file=sys.stderr)
+        if i == last_step and show:
+            print("decoding: the VAE turns the latents into frames", file=sys.stderr)
+        return out
+
+    if show:
+        print("text: encoding the prompt" + (" and the input" if pixels_in.given_input(settings.image,
+              settings.video, settings.extend) else ""), file=sys.stderr)  # fmt: skip
 
     try:
         return pipe(
@@ -677,6 +712,7 @@ def check_request(args: argparse.Namespace, runs: list[Settings]) -> None:
             raise ValueError(f"{flag} {path} exists; not overwriting it (choose another {flag})")
     if args.output is not None and outputs.sidecar_of(args.output).exists():
         raise ValueError(f"--output {args.output}: its sidecar {outputs.sidecar_of(args.output)} exists")
+    check_preview(args, runs)
     check_device(args.device)
     lora_arguments(args)
     launch.processes(args.gpus, args.device)
@@ -684,6 +720,26 @@ def check_request(args: argparse.Namespace, runs: list[Settings]) -> None:
     outputs.check_writable(folder, flag)
     if runs:
         outputs.check_space(folder, max(estimated_bytes(s.num_frames, s.height, s.width) for s in runs), flag)
+
+
+def check_preview(args: argparse.Namespace, runs: list[Settings]) -> None:
+    """--preview / --preview_every (ValueError naming the flag): a .png path (so never the video, sidecar or latents
+    this run writes) in a writable folder, not an input image of the run, and a step count of at least 1. Creates
+    nothing."""
+    if args.preview_every < 1:
+        raise ValueError(f"--preview_every must be a whole number of steps >= 1; got {args.preview_every}")
+    path = args.preview
+    if path is None:
+        return
+    if args.decode_latents is not None:
+        raise ValueError("--preview shows sampling; --decode_latents only decodes (leave --preview out)")
+    if path.suffix.lower() != ".png":
+        raise ValueError(f"--preview {path}: must end in .png (it is a PNG image)")
+    if path.is_dir():
+        raise ValueError(f"--preview {path} is a folder; give a .png file path")
+    if any(s.image is not None and path.resolve() == Path(s.image).resolve() for s in runs):
+        raise ValueError(f"--preview {path} is the input --image: it would be overwritten; choose another name")
+    outputs.check_writable(path.parent, "--preview")
 
 
 def check_latent_stats(model_dir: Path) -> None:
