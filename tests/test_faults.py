@@ -488,3 +488,18 @@ def subprocess_pid() -> int:
     pid = fork(lambda: 0, Path(os.devnull))
     wait(pid)
     return pid
+
+
+def test_published_files_take_the_umask_even_when_the_writer_recreates_them(tmp_path):
+    """safetensors' save_file re-creates its file 0600; a published weight file must be readable like any other."""
+    import torch
+    from safetensors.torch import save_file
+
+    from mochi_preview.files import write_atomic
+
+    old = os.umask(0o022)
+    try:
+        path = write_atomic(tmp_path / "w.safetensors", lambda t: save_file({"a": torch.zeros(2)}, str(t)))
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644

@@ -44,8 +44,11 @@ def write_atomic(path: str | Path, write: Callable[[Path], object], *, replace: 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temporary_name(path)
     os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))  # unlike mkstemp, respects the umask
+    mode = tmp.stat().st_mode & 0o777
     try:
         write(tmp)
+        if tmp.stat().st_mode & 0o777 != mode:  # a writer that re-created the file (safetensors: 0600) gets the umask's
+            os.chmod(tmp, mode)
         with open(tmp, "rb+") as f:  # on disk before it becomes visible under its real name
             os.fsync(f.fileno())
         _publish(tmp, path, replace)

@@ -28,9 +28,9 @@ X264 = {"threads": "1"}
 try:  # swscale's default YUV->RGB rounding reads ~1/255 too dark; these flags make read_video unbiased
     from av.video.reformatter import Interpolation as _I
 
-    _TO_RGB = {"interpolation": _I.BILINEAR | _I.ACCURATE_RND | _I.FULL_CHR_H_INT}
+    TO_RGB = {"interpolation": _I.BILINEAR | _I.ACCURATE_RND | _I.FULL_CHR_H_INT}
 except (ImportError, AttributeError):  # older PyAV
-    _TO_RGB = {}
+    TO_RGB = {}
 
 
 def _as_frames(frames: Any) -> list[np.ndarray]:
@@ -280,7 +280,7 @@ def load_video(video: str | Path, convert_method: Callable | None = None, return
     else:
         with av.open(source) as src:
             stream = src.streams.video[0]
-            images = [Image.fromarray(f.to_ndarray(format="rgb24", **_TO_RGB)) for f in src.decode(stream)]
+            images = [Image.fromarray(f.to_ndarray(format="rgb24", **TO_RGB)) for f in src.decode(stream)]
             rate = stream.average_rate or stream.guessed_rate
             fps = float(rate) if rate else None
     images = convert_method(images) if convert_method is not None else [im.convert("RGB") for im in images]
@@ -291,7 +291,7 @@ def read_video(path: str | Path) -> tuple[np.ndarray, dict]:
     """uint8 (T, H, W, 3) RGB frames and info: fps, codec, pix_fmt, width, height, frames, metadata, tags."""
     with av.open(str(path)) as src:
         stream = src.streams.video[0]
-        frames = [f.to_ndarray(format="rgb24", **_TO_RGB) for f in src.decode(stream)]
+        frames = [f.to_ndarray(format="rgb24", **TO_RGB) for f in src.decode(stream)]
         shape = (stream.codec_context.height, stream.codec_context.width, 3)
         frames = np.stack(frames) if frames else np.zeros((0, *shape), np.uint8)
         tags = dict(src.metadata)

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .attention import AttentionKernel, JointAttention
 from .layers import (
@@ -159,6 +160,8 @@ class AsymmDiT(nn.Module):
         self.blocks = nn.ModuleList(AsymmetricJointBlock(cfg, update_y=i < cfg.depth - 1) for i in range(cfg.depth))
         self.final_layer = FinalLayer(cfg.dim_x, p * p * cfg.in_channels)
         self._positions: tuple | None = None  # (grid key, (N, 3) positions on the device): see rope_tables
+        # Training: keep only each block's inputs for the backward pass and recompute the rest (same gradients).
+        self.gradient_checkpointing = False
 
     def set_attention(self, backend: str = "auto", chunk: int | None = None) -> AsymmDiT:
         """Choose the attention kernel at run time ("auto", "sdpa", "flash", "sage") and SDPA's query chunk; the
@@ -270,8 +273,10 @@ class AsymmDiT(nn.Module):
         rope = self.rope_tables(t, rows, cols, latents.device)  # (cos, sin), each (N, H, d/2) fp32
         rope = tuple(layout.local_heads(r, dim=1) for r in rope)  # this process's heads
 
+        recompute = self.gradient_checkpointing and torch.is_grad_enabled()
         for block in self.blocks:
-            x, y = block(x, y, c_act, rope, attn, layout, c_act_y, token_frames)  # (B, N, Dx), (B, L, Dy)
+            args = (x, y, c_act, rope, attn, layout, c_act_y, token_frames)  # x (B, N, Dx), y (B, L, Dy)
+            x, y = checkpoint(block, *args, use_reentrant=False) if recompute else block(*args)
 
         x = self.final_layer(x, c_act, token_frames)  # (B, N, p*p*C)
         x = layout.gather_tokens(x, num_tokens=t * rows * cols)  # (B, N, p*p*C): every process's tokens

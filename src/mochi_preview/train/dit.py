@@ -91,6 +91,8 @@ class DiTTrainConfig(TrainConfig):
     batch_size: int = 32
     caption_dropout: float = 0.1
     sigma_sampler: str = "uniform"  # or "logit_normal"
+    sigma_shift: float = 1.0  # > 1 draws more noisy levels (flow.shift_sigmas); 1 is the reference
+    bf16_autocast: bool = True  # the forward under bf16 autocast when the model is on a GPU (as the reference)
     # Draw z0 ~ N(mean, exp(logvar)) like the reference; off by default because the demo VAE decodes the mean.
     sample_posterior: bool = False
     train_text_encoder: bool = True  # with a text encoder given to the trainer: train it, or only run it
@@ -150,7 +152,10 @@ class DiTTrainer(Trainer):
             else:
                 ids, mask = self.ids[idx], self.mask[idx]
             text, mask = drop_captions(ids, mask, cfg.caption_dropout, g)
-        return flow_matching_loss(self.model, z0, text, mask, g, cfg.sigma_sampler), {}
+        device = next(self.model.parameters()).device  # the draws above stay on the CPU generator
+        with torch.autocast("cuda", torch.bfloat16, enabled=cfg.bf16_autocast and device.type == "cuda"):
+            loss = flow_matching_loss(self.model, z0, text, mask, g, cfg.sigma_sampler, cfg.sigma_shift, device)
+        return loss, {}
 
     def _tokens(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids and mask, (N, L) each, cut to the longest caption (T5 pads on the right)."""
