@@ -1,14 +1,18 @@
 """Step caching (issue 18.2): DiT calls saved, time per video and quality at three thresholds per cache.
 
     python bench/bench_cache.py [--parts demo wide pieces] [--specs teacache:0.06 ...] [--json results.json]
+        [--depth 2 --steps 12 --frames 1 --guidance 1 --out_dir DIR] [--threads 2]
 
 - demo: the shipped demo model at its defaults on every seventh of the evaluator's 45 held-out prompts (7 clips,
   7 of the 9 held-out combinations, one batch, seed 0, branches run one by one): reused calls, seconds per
   video, PSNR of the frames against the uncached run, and the evaluator's colour / direction / shape (accuracy, and
   agreement with the uncached run).
-- wide: a random DiT of the published width (3072 wide, 24 heads, text 1536 / 4096) with 2 blocks, the full 64-step
-  schedule and CFG 4.5 on a small latent (160x96, 7 frames: 120 tokens), so each run takes minutes on 2 CPU
-  threads: reused calls and PSNR of the final latents (peak = their range; no VAE) against the uncached run.
+- wide: a random DiT of the published width (3072 wide, 24 heads, text 1536 / 4096; fp32, weights from seed 0,
+  random prompt embeddings of T5-XXL's shape) with `--depth` blocks at the real latent size 848x480 x `--frames`
+  (1 frame: one latent frame, 1590 tokens; 7 frames: two, 3180 tokens), `--steps` linear-quadratic steps, CFG
+  `--guidance` (branches batched): DiT calls reused, seconds per video (wall and CPU) and PSNR of the final latents
+  (peak = their range; no VAE) against the uncached run of the same seed; the uncached run also notes TeaCache's
+  indicator change per step.
 - pieces: the same published-width DiT at the real latent size 848x480x31 (9540 tokens): seconds of each piece of a
   DiT call (embedding, TeaCache's indicator, block 0, the final layer), extrapolated to 48 blocks (every block
   costing block 0's time), giving the seconds of a computed call and of a reused call per cache.
@@ -25,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mochi_preview.cache import _prepare, make_cache_hook
+from mochi_preview.cache import _prepare, make_cache_hook, relative_l1, teacache_rescale
 from mochi_preview.dit.layers import modulated_rms_norm
 from mochi_preview.dit.model import AsymmDiT, DiTConfig, init_weights
 from mochi_preview.geometry import MOCHI
@@ -100,23 +104,65 @@ def wide_text(valid: int, seed: int) -> TextCondition:
     return TextCondition(features, mask)
 
 
-def wide_runs(specs: list[str | None], dit: AsymmDiT, steps: int = 64) -> list[dict]:
-    """Full sampling runs of the published-width DiT on a small latent, once per cache spec."""
-    z = torch.randn(1, *MOCHI.latent_shape(7, 96, 160), generator=torch.Generator().manual_seed(0))
+class IndicatorTrace:
+    """A dit_hook that runs the DiT unchanged and notes the relative L1 change of TeaCache's indicator per call."""
+
+    def __init__(self):
+        self.previous, self.changes = None, []
+
+    def __call__(self, call: DiTCall) -> torch.Tensor:
+        f = _prepare(call)
+        m = modulated_rms_norm(f.x, call.model.blocks[0].mod_x(f.c_act).chunk(4, dim=-1)[0])
+        if self.previous is not None:
+            self.changes.append(relative_l1(m, self.previous))
+        self.previous = m
+        return call()
+
+
+def wide_runs(
+    specs: list[str | None], dit: AsymmDiT, steps: int, frames: int, guidance: float, out_dir: Path | None = None
+) -> list[dict]:
+    """Full sampling runs of the published-width DiT at 848x480 x `frames`, once per cache spec (the first: None).
+
+    Resumable: with `out_dir`, each run's final latents (safetensors) and row (json) are kept there and a rerun
+    skips the specs already done.
+    """
+    from safetensors.torch import load_file, save_file
+
+    from mochi_preview.files import write_atomic
+
+    z = torch.randn(1, *MOCHI.latent_shape(frames, 480, 848), generator=torch.Generator().manual_seed(0))
     cond, uncond = wide_text(40, 1), wide_text(1, 2)
+    sigmas = linear_quadratic_schedule(steps)
     rows, reference = [], None
     for spec in specs:
-        hook = make_cache_hook(spec)
-        start = time.perf_counter()
-        with torch.no_grad():
-            out = denoise(dit, z, linear_quadratic_schedule(steps), cond, uncond, 4.5, dit_hook=hook).numpy()
-        seconds = time.perf_counter() - start
+        name = (spec or "off").replace(":", "_")
+        done = out_dir / f"{name}.json" if out_dir else None
+        if done is not None and done.exists():
+            out = load_file(out_dir / f"{name}.safetensors")["latents"].numpy()
+            row = json.loads(done.read_text())
+        else:
+            hook = make_cache_hook(spec)
+            start, cpu = time.perf_counter(), time.process_time()
+            trace = IndicatorTrace()
+            with torch.no_grad():
+                out = denoise(dit, z, sigmas, cond, uncond, guidance, batch_cfg=True, dit_hook=hook or trace).numpy()
+            record = hook.record() if hook else dict(reused=0, reused_steps={})
+            row = dict(
+                cache=spec or "off", calls=steps, reused=record["reused"], reused_steps=record["reused_steps"],
+                seconds=time.perf_counter() - start, cpu_seconds=time.process_time() - cpu,
+            )  # fmt: skip
+            if hook is None:  # the uncached run: TeaCache's indicator change at each step, as it would see it
+                row["rel_l1"] = trace.changes
+                row["rescaled"] = [teacache_rescale(r) for r in trace.changes]
+            if out_dir is not None:
+                kept, text = {"latents": torch.from_numpy(out).contiguous()}, json.dumps(row)
+                write_atomic(out_dir / f"{name}.safetensors", lambda t, k=kept: save_file(k, str(t)), replace=True)
+                write_atomic(done, lambda t, text=text: t.write_text(text), replace=True)
         reference = out if reference is None else reference
-        rows.append(dict(
-            cache=spec or "off", calls=2 * steps, reused=hook.record()["reused"] if hook else 0, seconds=seconds,
-            latent_psnr=psnr(out, reference, peak=float(reference.max() - reference.min())),
-        ))  # fmt: skip
-        print(json.dumps(rows[-1]), flush=True)
+        row["latent_psnr"] = psnr(out, reference, peak=float(reference.max() - reference.min()))
+        rows.append(row)
+        print(json.dumps(row), flush=True)
     return rows
 
 
@@ -161,10 +207,12 @@ def markdown(results: dict) -> str:
             )
         lines.append("")
     if "wide" in results:
-        lines += ["| cache | DiT calls | reused | s/run | latent PSNR dB |", "|---|---|---|---|---|"]
+        lines += ["| cache | DiT calls | reused | reused steps | wall s/run | CPU s/run | latent PSNR dB |",
+                  "|---|---|---|---|---|---|---|"]  # fmt: skip
         for r in results["wide"]:
-            lines.append(f"| {r['cache']} | {r['calls']} | {r['reused']} ({r['reused'] / r['calls']:.0%}) | "
-                         f"{r['seconds']:.1f} | {r['latent_psnr']:.1f} |")  # fmt: skip
+            steps = ", ".join(str(s) for v in r["reused_steps"].values() for s in v)
+            lines.append(f"| {r['cache']} | {r['calls']} | {r['reused']} ({r['reused'] / r['calls']:.0%}) | {steps} | "
+                         f"{r['seconds']:.0f} | {r['cpu_seconds']:.0f} | {r['latent_psnr']:.1f} |")  # fmt: skip
         lines.append("")
     if "pieces" in results:
         p = results["pieces"]
@@ -183,18 +231,23 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--specs", nargs="+", default=SPECS[1:], help="cache specs to compare with the uncached run")
+    parser.add_argument("--depth", type=int, default=2, help="wide/pieces: blocks of the published-width DiT")
+    parser.add_argument("--steps", type=int, default=12, help="wide: sampling steps (linear-quadratic schedule)")
+    parser.add_argument("--frames", type=int, default=1, help="wide: video frames at 848x480 (7: 2 latent frames)")
+    parser.add_argument("--guidance", type=float, default=1.0, help="wide: CFG scale (1: the prompt alone)")
+    parser.add_argument("--out_dir", type=Path, help="wide: keep each run here and skip runs already there")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     results = {}
     if "demo" in args.parts:
         results["demo"] = demo_runs([None, *args.specs])
     if {"wide", "pieces"} & set(args.parts):
-        dit = wide_dit()
+        dit = wide_dit(args.depth)
         if "pieces" in args.parts:
             results["pieces"] = piece_times(dit)
             print(json.dumps(results["pieces"]), flush=True)
         if "wide" in args.parts:
-            results["wide"] = wide_runs([None, *args.specs], dit)
+            results["wide"] = wide_runs([None, *args.specs], dit, args.steps, args.frames, args.guidance, args.out_dir)
     print(markdown(results))
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))

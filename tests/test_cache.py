@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+import socket
+import sys
+import traceback
+from pathlib import Path
+from unittest import mock
+
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 from einops import rearrange
 
+from mochi_preview import cache
 from mochi_preview.cache import (
     TEACACHE_COEFFICIENTS,
     FirstBlockCache,
@@ -17,6 +27,7 @@ from mochi_preview.cache import (
     teacache_rescale,
 )
 from mochi_preview.configs import dit_config
+from mochi_preview.distributed import CFGParallelDiT, ContextParallel, init_distributed, shard_dit
 from mochi_preview.dit.layers import modulated_rms_norm
 from mochi_preview.dit.model import AsymmDiT, init_weights
 from mochi_preview.sampling import DiTCall, TextCondition, denoise, linear_quadratic_schedule
@@ -127,6 +138,9 @@ def test_rescale_and_distance():
     assert teacache_rescale(0.05) == pytest.approx(np.polyval(TEACACHE_COEFFICIENTS, 0.05), rel=1e-12)
     assert teacache_rescale(0.0) == pytest.approx(0.00305291719)
     assert relative_l1(torch.tensor([2.0, 4.0]), torch.tensor([1.0, 3.0])) == pytest.approx(0.5)
+    # A weight of 0 leaves an element (a padding token) out of both sums.
+    now, before = torch.tensor([2.0, 4.0, 9.0]), torch.tensor([1.0, 3.0, 1.0])
+    assert relative_l1(now, before, weight=torch.tensor([1.0, 1.0, 0.0])) == pytest.approx(0.5)
 
 
 def test_spec_parsing():
@@ -170,3 +184,187 @@ def test_through_the_pipeline_exact_when_off_and_reusing_above_a_threshold(tmp_p
     hook = make_cache_hook("teacache:1")
     cached = pipe("a cat", seed=4, batch_cfg=True, dit_hook=hook, **kw).frames
     assert hook.record()["reused_steps"] == {"both": [1, 2, 3, 4]} and not torch.equal(cached, plain)
+
+
+# ---- context parallelism: 2 CPU ranks (gloo), forked from this process --------------------------------------------
+
+CP_STEPS = 10
+CP_SIGMAS = linear_quadratic_schedule(CP_STEPS)
+CP_SPECS = ["teacache:0.1", "first_block:0.5"]  # thresholds that reuse some calls of the tiny DiT and compute others
+CP_GUIDANCE = [4.5] * 4 + [1.0] + [4.5] * 5  # step 4 runs the prompts alone (an odd batch under CFG parallelism)
+CP_SHAPE = (1, 12, 3, 2, 10)  # 15 tokens: the second rank's share is padded
+
+
+def cp_run(dit, spec: str, batch_cfg: bool, guidance=4.5) -> dict:
+    """Latents, the hook's decisions and every indicator change it computed, for one cached denoise."""
+    from distributed_worker import make_latents, make_text
+
+    cond, uncond, _ = make_text()
+    hook, changes = make_cache_hook(spec), []
+    change = cache._Forward.change
+
+    def spy(f, now, before):
+        changes.append(change(f, now, before))
+        return changes[-1]
+
+    with mock.patch.object(cache._Forward, "change", spy), torch.no_grad():
+        z = denoise(dit, make_latents(CP_SHAPE), CP_SIGMAS, cond, uncond, guidance, batch_cfg, dit_hook=hook)
+    return dict(latents=z, calls=hook.calls, changes=changes)
+
+
+def cp_cases(sequence_dit, cfg_dit) -> dict:
+    """The cases as one process runs them (both DiTs the one-process DiT) or as the ranks do."""
+    out = {}
+    for spec in CP_SPECS:
+        for batch_cfg in (False, True):
+            out[f"sequence/{spec}/{batch_cfg}"] = cp_run(sequence_dit, spec, batch_cfg)
+        out[f"cfg/{spec}"] = cp_run(cfg_dit, spec, True, CP_GUIDANCE)
+    return out
+
+
+PIPELINE_CALL = dict(height=32, width=48, num_frames=7, num_inference_steps=6, output_type="latent", progress=False)
+
+
+def pipeline_run(pipe) -> dict:
+    """The pipeline's latents with TeaCache (`cache=`, as the CLI passes it), batched branches (what CFG parallelism
+    runs), and what it reused."""
+    out = pipe("a cat", seed=4, batch_cfg=True, cache="teacache:1", **PIPELINE_CALL)
+    return dict(latents=out.frames, record=out.cache)
+
+
+def cp_rank_cases(model: Path) -> dict:
+    """This rank's cases: sequence parallel over both ranks, one CFG half per rank, a sharded DiT (refused), then
+    the pipeline on a model folder, sequence parallel and CFG parallel."""
+    from distributed_worker import make_dit
+
+    from mochi_preview.pipeline import MochiPipeline
+
+    sequence = ContextParallel(cfg_parallel=False)
+    dit = make_dit().set_token_layout(sequence.token_layout())
+    cfg = ContextParallel(cfg_parallel=True)
+    out = cp_cases(dit, CFGParallelDiT(make_dit().set_token_layout(cfg.token_layout()), cfg))
+    sharded = shard_dit(make_dit().set_token_layout(sequence.token_layout()), sequence)
+    for spec in CP_SPECS:
+        try:
+            cp_run(sharded, spec, False)
+        except ValueError as e:
+            out[f"sharded/{spec}"] = str(e)
+    sequence.close()
+    cfg.close()
+    for cfg_parallel in (False, True):
+        pipe = MochiPipeline.from_pretrained(model, torch_dtype=torch.float32, device="cpu")
+        out[f"pipeline/{cfg_parallel}"] = pipeline_run(pipe.enable_context_parallel(cfg_parallel=cfg_parallel))
+        pipe.cp.close()
+    return out
+
+
+def _cp_rank(rank: int, port: int, out: Path, log: Path, model: Path) -> None:
+    """A forked rank with torchrun's environment: every rank's cases gathered and saved by rank 0."""
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(fd, 1), os.dup2(fd, 2)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2")
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank))
+    code = 0
+    try:
+        torch.set_num_threads(1)
+        init_distributed(timeout=60, device="cpu")
+        ranks = [None, None]
+        dist.all_gather_object(ranks, cp_rank_cases(model))
+        if rank == 0:
+            torch.save(ranks, out)
+        dist.destroy_process_group()
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    sys.stderr.flush()
+    os._exit(code)
+
+
+@pytest.fixture(scope="module")
+def cp_ranks(tmp_path_factory) -> dict:
+    """Both ranks' cases (one launch of 2 forked ranks) and the model folder of the pipeline cases."""
+    from mochi_preview.tiny import save_random_model
+
+    folder = tmp_path_factory.mktemp("cache_cp")
+    model = save_random_model(folder / "model")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    fork = multiprocessing.get_context("fork")
+    args = lambda r: (r, port, folder / "out.pt", folder / f"rank{r}.log", model)  # noqa: E731
+    procs = [fork.Process(target=_cp_rank, args=args(r)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=300)
+        if p.is_alive():
+            p.kill()
+    logs = "\n".join((folder / f"rank{r}.log").read_text() for r in (0, 1))
+    assert [p.exitcode for p in procs] == [0, 0], logs
+    return dict(ranks=torch.load(folder / "out.pt"), model=model)
+
+
+@pytest.fixture(scope="module")
+def one_process() -> dict:
+    from distributed_worker import make_dit
+
+    dit = make_dit()
+    return cp_cases(dit, dit)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [f"sequence/{s}/{b}" for s in CP_SPECS for b in (False, True)] + [f"cfg/{s}" for s in CP_SPECS],
+)
+def test_context_parallel_skips_the_steps_one_process_skips(cp_ranks, one_process, case):
+    # Every rank takes one process's decisions from the same indicator values (each rank summed its share of the
+    # tokens, the padding left out, and with CFG halves its rows), and the latents agree.
+    want = one_process[case]
+    reused = sum(not c for _, _, c in want["calls"])
+    assert 0 < reused < len(want["calls"]) - 2, want["calls"]  # a mix of reused and computed calls
+    for rank in cp_ranks["ranks"]:
+        got = rank[case]
+        assert got["calls"] == want["calls"]
+        np.testing.assert_allclose(got["changes"], want["changes"], rtol=1e-5)
+        err = float((got["latents"] - want["latents"]).abs().max() / want["latents"].abs().max())
+        assert err < 1e-5, f"relative error {err:.2e}"
+
+
+def test_a_sharded_dit_is_refused(cp_ranks):
+    # On every rank at the first call, before any collective (no rank waits for another); and before any work.
+    for rank in cp_ranks["ranks"]:
+        for spec in CP_SPECS:
+            assert "does not combine with a sharded DiT" in rank[f"sharded/{spec}"]
+    for spec in CP_SPECS:
+        with pytest.raises(ValueError, match="cache does not combine with a sharded DiT"):
+            make_cache_hook(spec, sharded_dit=True)
+    assert make_cache_hook("off", sharded_dit=True) is None
+
+
+def test_the_pipeline_under_context_parallelism_reuses_what_one_process_reuses(cp_ranks):
+    # The pipeline wraps the DiT for CFG parallelism (CFGParallelDiT) and passes the hook through: with the branches
+    # on different ranks or the tokens split, the same calls are reused and the latents are one process's.
+    from mochi_preview.pipeline import MochiPipeline
+
+    want = pipeline_run(MochiPipeline.from_pretrained(cp_ranks["model"], torch_dtype=torch.float32, device="cpu"))
+    assert want["record"]["dit_calls"] == 6 and want["record"]["reused"] == 4, want["record"]
+    for rank in cp_ranks["ranks"]:
+        for cfg_parallel in (False, True):
+            got = rank[f"pipeline/{cfg_parallel}"]
+            assert got["record"] == want["record"]
+            err = float((got["latents"] - want["latents"]).abs().max() / want["latents"].abs().max())
+            assert err < 1e-5, f"relative error {err:.2e}"
+
+
+def test_cache_with_a_pusa_models_per_frame_conditioning_is_refused_before_any_work(tmp_path):
+    from mochi_preview import pusa
+    from mochi_preview.pipeline import MochiPipeline
+    from mochi_preview.tiny import save_random_model
+
+    folder = save_random_model(tmp_path / "model")
+    (folder / "dit.safetensors").rename(folder / pusa.PUSA_DIT_FILE)
+    pipe = MochiPipeline.from_pretrained(folder, torch_dtype=torch.float32, device="cpu")
+    assert pipe.is_pusa
+    image = np.zeros((32, 48, 3), dtype=np.uint8)
+    with pytest.raises(ValueError, match="Pusa model's image or extend conditioning"):
+        pipe("a cat", image=image, cache="teacache:0.1", **PIPELINE_CALL)

@@ -13,18 +13,25 @@ were computed and which reused (for the sidecar).
   the last computed step) the other blocks' cached residual is added to its output.
 
 The hooks run the DiT in pieces (embedding, blocks, final norm, final projection), so they need the `AsymmDiT`
-itself as the sampler's model, in one process.
+itself as the sampler's model, or `distributed.CFGParallelDiT` around it. Under context parallelism every rank
+decides alike: each rank sums the indicator's change over its share of the tokens (and its CFG half's rows), the
+sums are all-reduced over the whole `ContextParallel` group, and the ratio is the one-process value, the same number
+on every rank. With CFG halves on different ranks the branches are decided once per step, as one batch ("both"),
+like the one-process run with batched branches. A DiT sharded over the ranks (`distributed.shard_dit`) is refused:
+there block 0's modulation weights, which the indicator needs before any block runs, live on one rank only.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from einops import rearrange
 
+from .distributed import CFGParallelDiT, SequenceParallel, is_sharded
 from .dit.layers import modulated_rms_norm
 from .dit.model import AsymmDiT
 from .dit.tokens import TokenLayout
@@ -53,12 +60,19 @@ def parse_cache_spec(spec: str | None) -> tuple[str, float] | None:
     return kind, threshold
 
 
-def make_cache_hook(spec: str | None) -> StepCache | None:
-    """A fresh step-cache hook for one generation from a spec string (see `parse_cache_spec`); None when off."""
+def make_cache_hook(spec: str | None, sharded_dit: bool = False) -> StepCache | None:
+    """A fresh step-cache hook for one generation from a spec string (see `parse_cache_spec`); None when off.
+
+    `sharded_dit`: the DiT's blocks are spread over the ranks (`distributed.shard_dit`), which caching refuses."""
     if (parsed := parse_cache_spec(spec)) is None:
         return None
+    if sharded_dit:
+        raise ValueError(SHARDED)
     kind, threshold = parsed
     return {"teacache": TeaCache, "first_block": FirstBlockCache}[kind](threshold)
+
+
+SHARDED = "cache does not combine with a sharded DiT (shard_dit / --shard_dit): keep the whole DiT on every rank"
 
 
 def teacache_rescale(rel: float) -> float:
@@ -66,10 +80,19 @@ def teacache_rescale(rel: float) -> float:
     return sum(c * rel**k for k, c in enumerate(reversed(TEACACHE_COEFFICIENTS)))
 
 
-def relative_l1(now: torch.Tensor, before: torch.Tensor) -> float:
-    """mean|now - before| / mean|before|, in fp32."""
+def relative_l1(now: torch.Tensor, before: torch.Tensor, weight: torch.Tensor | None = None, group=None) -> float:
+    """mean|now - before| / mean|before|, in fp32, as a ratio of sums. `weight` (broadcast to the tensors) is 0 on
+    elements to leave out (padding tokens); `group`: the sums are all-reduced over its ranks first, so every rank
+    gets the value of all their elements together."""
     before = before.float()
-    return ((now.float() - before).abs().mean() / before.abs().mean()).item()
+    diff = (now.float() - before).abs()
+    before = before.abs()
+    if weight is not None:
+        diff, before = diff * weight, before * weight
+    sums = torch.stack([diff.sum(), before.sum()])
+    if group is not None:
+        dist.all_reduce(sums, group=group)
+    return (sums[0] / sums[1]).item()
 
 
 # ---- the DiT in pieces (AsymmDiT.forward, taken apart) ---------------------------------------------------------
@@ -86,6 +109,12 @@ class _Forward:
     rope: tuple
     attn: object
     grid: tuple[int, int, int]  # t, rows, cols
+    real: torch.Tensor | None = None  # (1, M, 1): 1 on this rank's real tokens, 0 on padding; None: no padding
+    group: object = None  # the process group whose ranks' tokens and rows make one indicator; None: this process
+
+    def change(self, now: torch.Tensor, before: torch.Tensor) -> float:
+        """The relative L1 change of a per-token tensor (B, M, D) over every real token of every rank in `group`."""
+        return relative_l1(now, before, self.real, self.group)
 
     def blocks(self, x, y, start: int = 0) -> torch.Tensor:
         """x after blocks start.. (the text stream is not needed after them)."""
@@ -105,16 +134,23 @@ class _Forward:
         return rearrange(x, "b (t h w) (p1 p2 c) -> b c t (h p1) (w p2)", t=t, h=rows, w=cols, p1=p, p2=p).float()
 
 
-def _prepare(call: DiTCall) -> _Forward:
-    """Everything AsymmDiT.forward does before its first block."""
+def _prepare(call: DiTCall, group=None) -> _Forward:
+    """Everything AsymmDiT.forward does before its first block; `group`: the ranks that decide together."""
     dit = call.model
     if not isinstance(dit, AsymmDiT):
         raise TypeError(
-            f"step caching needs the DiT itself (AsymmDiT) as the sampler's model; got {type(dit).__name__} "
-            "(CFG-parallel runs are not supported with a cache)"
+            "step caching needs the DiT itself (AsymmDiT, or distributed.CFGParallelDiT around it) as the sampler's "
+            f"model; got {type(dit).__name__}"
         )
-    if type(dit.token_layout) is not TokenLayout:
-        raise ValueError("step caching does not support context parallelism (every rank must decide alike)")
+    if is_sharded(dit):
+        raise ValueError(SHARDED)
+    layout = dit.token_layout
+    if type(layout) not in (TokenLayout, SequenceParallel):
+        raise ValueError(
+            f"step caching knows the one-process token layout and distributed.SequenceParallel; got {type(layout)}"
+        )
+    if group is None and isinstance(layout, SequenceParallel):
+        group = layout.cp.group
     latents, sigma, features, mask = call.inputs()
     b, _, t, h, w = dit._check_inputs(latents, features, mask)
     if mask is None:
@@ -123,12 +159,15 @@ def _prepare(call: DiTCall) -> _Forward:
     rows, cols = h // p, w // p
     frames = rearrange(latents.to(dtype), "b c t h w -> (b t) c h w")
     x = rearrange(dit.x_embedder.proj(frames), "(b t) d h w -> b (t h w) d", b=b)
-    x = dit.token_layout.split_tokens(x)
+    x = layout.split_tokens(x)
+    real = None  # which of this rank's tokens are real (the last rank's share may be padded)
+    if type(layout) is not TokenLayout:
+        real = layout.split_tokens(torch.ones(1, t * rows * cols, 1, device=x.device))
     c_act = F.silu(dit.t_embedder(sigma) + dit.t5_y_embedder(features, mask))
     y = dit.t5_yproj(features.to(dtype))
     attn = dit.attention.plan(mask, t * rows * cols, x.device, torch.promote_types(x.dtype, y.dtype), dit.cfg.head_dim)
-    rope = tuple(dit.token_layout.local_heads(r, dim=1) for r in dit.rope_tables(t, rows, cols, latents.device))
-    return _Forward(dit, x, y, c_act, rope, attn, (t, rows, cols))
+    rope = tuple(layout.local_heads(r, dim=1) for r in dit.rope_tables(t, rows, cols, latents.device))
+    return _Forward(dit, x, y, c_act, rope, attn, (t, rows, cols), real, group)
 
 
 # ---- the hooks -------------------------------------------------------------------------------------------------
@@ -161,7 +200,17 @@ class StepCache:
             self.calls.clear()
         state = self.branches.setdefault(call.branch, _Branch())
         forced = call.step in (0, call.num_steps - 1) or self.threshold <= 0
-        v, computed = self._run(_prepare(call), state, forced)
+        cp = call.model.cp if isinstance(call.model, CFGParallelDiT) else None
+        halves = cp is not None and call.latents.shape[0] % 2 == 0  # odd: the prompts alone, whole on both halves
+        if cp is not None:
+            call = replace(call, model=call.model.dit)
+        if halves:  # [cond; uncond]: this half of the ranks runs its rows; every rank decides for both (one batch)
+            b = call.latents.shape[0] // 2
+            rows = slice(cp.cfg_rank * b, (cp.cfg_rank + 1) * b)
+            call = replace(call, latents=call.latents[rows], text=call.text[rows])
+        v, computed = self._run(_prepare(call, cp.group if cp is not None else None), state, forced)
+        if halves:
+            v = torch.cat(cp.all_gather(v, cp.cfg_group))  # cfg rank 0 holds cond: [cond; uncond]
         self.calls.append((call.step, call.branch, computed))
         return v
 
@@ -195,7 +244,7 @@ class TeaCache(StepCache):
         indicator = modulated_rms_norm(f.x, scale_msa)
         compute = forced or state.reference is None or state.residual is None
         if not compute:
-            state.accumulated += teacache_rescale(relative_l1(indicator, state.reference))
+            state.accumulated += teacache_rescale(f.change(indicator, state.reference))
             compute = state.accumulated >= self.threshold
         state.reference = indicator
         if not compute:
@@ -216,7 +265,7 @@ class FirstBlockCache(StepCache):
         x1, y1 = f.dit.blocks[0](f.x, f.y, f.c_act, f.rope, f.attn, f.dit.token_layout)
         first = x1 - f.x
         compute = forced or state.reference is None or state.residual is None
-        if not compute and relative_l1(first, state.reference) < self.threshold:
+        if not compute and f.change(first, state.reference) < self.threshold:
             return f.project(f.final_norm(x1 + state.residual)), False
         x = f.blocks(x1, y1, start=1)
         state.reference, state.residual = first, x - x1

@@ -616,7 +616,8 @@ class MochiPipeline(LoraMixin):
                 "attention_kwargs has no effect here (no attention processors)", stacklevel=_user_stacklevel()
             )
         progress = True if progress is None else progress
-        step_cache = self._step_cache(self.defaults.cache if cache is None else cache, dit_hook)
+        per_frame = self.is_pusa and (image is not None or extend is not None)  # Pusa's per-frame sampler
+        step_cache = self._step_cache(self.defaults.cache if cache is None else cache, dit_hook, per_frame)
         request_args = {k: v for k, v in locals().items() if k in REQUEST_ARGUMENTS}
         self._interrupt = False
         self.memory.ledger.new_generation()
@@ -641,15 +642,22 @@ class MochiPipeline(LoraMixin):
         report["cache"] = step_cache.record() if step_cache is not None else None
         return MochiOutput(frames, request.seed, timings, peaks, noise_device=request.noise_device, **report)
 
-    def _step_cache(self, spec: str | None, dit_hook: DiTHook | None):
-        """A fresh step cache for one generation (`cache.make_cache_hook`), or None; checked before any work."""
+    def _step_cache(self, spec: str | None, dit_hook: DiTHook | None, per_frame: bool = False):
+        """A fresh step cache for one generation (`cache.make_cache_hook`), or None; checked before any work.
+        Under context parallelism every rank takes the same decisions (the indicator is all-reduced); a sharded DiT
+        and Pusa's per-frame sampling are refused."""
         if spec is None or parse_cache_spec(spec) is None:
             return None
         if dit_hook is not None:
             raise ValueError("give cache or dit_hook, not both (a step cache is a dit_hook)")
-        if self.cp is not None:
-            raise ValueError("cache does not combine with context parallelism yet (ranks could decide differently)")
-        return make_cache_hook(spec)
+        if per_frame:
+            raise ValueError(
+                "cache does not combine with a Pusa model's image or extend conditioning (per-frame sigmas); "
+                "drop cache, or the image/extend input"
+            )
+        from .distributed import is_sharded
+
+        return make_cache_hook(spec, sharded_dit=is_sharded(self.dit))
 
     @torch.inference_mode()
     def prepare(self, prompt: str | list[str] | None = None, **request) -> Request:
