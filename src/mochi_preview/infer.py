@@ -23,6 +23,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from . import __version__, launch, outputs
 from . import conditioning as pixels_in
@@ -478,7 +479,8 @@ def _sample_and_decode(pipe: MochiPipeline, settings: Settings, output: Path | N
             saved.append(save_latents(options.save_latents, z, latents_metadata(pipe, settings, options)))
             print(f"wrote {saved[-1]} (the latents)", file=sys.stderr)
         if i == last_step and show:
-            print("decoding: the VAE turns the latents into frames", file=sys.stderr)
+            # above the sampling bar, which closes after this last callback
+            tqdm.write("decoding: the VAE turns the latents into frames", file=sys.stderr)
         return out
 
     if show:
