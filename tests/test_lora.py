@@ -469,3 +469,117 @@ def test_lora_training_settings_are_checked(base):
 
     with pytest.raises(ValueError, match="LoRA targets must be among"):
         LoraTrainer(fresh(base), tiny_data(), lora_config(targets=("mlp_x",)))
+
+
+def test_modulation_and_mlp_targets_train_and_read_back(base, tmp_path):
+    from mochi_preview.train.lora import LoraTrainer
+
+    cfg = lora_config(targets=("qkv_y", "mod_x", "mod_y", "mlp_x.w2", "mlp_y.w1"))
+    trainer = LoraTrainer(fresh(base), tiny_data(), cfg)
+    depth = len(base[1].blocks)
+    names = set(trainer.layers)
+    assert {f"blocks.{i}.mod_x" for i in range(depth)} <= names and "blocks.0.attn.qkv_y" in names
+    assert f"blocks.{depth - 1}.mlp_y.w1" not in names and "blocks.0.mlp_y.w1" in names  # the last block has none
+    trainer.fit(progress=False)
+    native = trainer.export(tmp_path / "mod.safetensors")
+    assert set(read_lora(native, base[1]).layers) == names
+    x, s, f, m = inputs()
+    with torch.no_grad():
+        want = trainer.model(x, s, f, m)
+        assert rel_err(load_lora(fresh(base), native)(x, s, f, m), want) <= 1e-5
+        assert rel_err(want, base[1](x, s, f, m)) > 1e-4  # the modulation LoRA does change the output
+    with pytest.raises(ValueError, match="only the attention projections"):
+        trainer.export(tmp_path / "mod2.safetensors", diffusers=tmp_path / "mod_d.safetensors")
+
+
+# ---- the demo proof ---------------------------------------------------------------------------------------------
+
+
+def test_lime_is_rendered_seen_and_captioned_as_a_new_colour():
+    import numpy as np
+
+    from mochi_preview.demo.evaluate import ALL_HUES, observe
+    from mochi_preview.demo.world import COLOURS, NEW_COLOURS, to_frames
+    from mochi_preview.train.lora import concept_prompts, demo_clips, shows
+
+    assert set(NEW_COLOURS).isdisjoint(COLOURS)
+    videos, captions, attrs = demo_clips(24, seed=1, concept="lime", share=0.5)
+    lime = [a.colour == "lime" for a in attrs]
+    assert 0 < sum(lime) < len(attrs)  # both the concept and the demo's own clips
+    for video, text, a in zip(videos, captions, attrs):
+        seen = observe(to_frames(video), hues=ALL_HUES)
+        assert seen.colour == a.colour and ("lime" in text.lower()) == (a.colour == "lime")
+        assert shows("lime", seen) == (a.colour == "lime")
+        assert observe(to_frames(video)).colour != "lime"  # the default palette stays the demo's seven
+    prompts = concept_prompts("lime", seed=0)
+    combos = {a for _, a in prompts}
+    assert len(prompts) == 60 and len(combos) == 12 and all("lime" in p.lower() for p, _ in prompts)
+    from mochi_preview.demo.world import HELDOUT_TEMPLATES, TRAIN_TEMPLATES
+
+    assert set(HELDOUT_TEMPLATES).isdisjoint(TRAIN_TEMPLATES)
+    assert np.array_equal(demo_clips(4, 2)[0], demo_clips(4, 2)[0])  # seeded
+
+
+def test_base_frames_are_cached_per_prompts_and_dit(tmp_path):
+    import numpy as np
+
+    from mochi_preview.train.lora import cached_frames
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "dit.safetensors").write_bytes(b"one")
+    calls = []
+    make = lambda: calls.append(1) or np.full((2, 3), float(len(calls)))  # noqa: E731
+    cache = tmp_path / "base.npz"
+    first = cached_frames(cache, ["a", "b"], model, make)
+    assert np.array_equal(cached_frames(cache, ["a", "b"], model, make), first) and len(calls) == 1
+    assert cached_frames(cache, ["a", "c"], model, make)[0, 0] == 2.0  # other prompts: made again
+    (model / "dit.safetensors").write_bytes(b"two")
+    assert cached_frames(cache, ["a", "c"], model, make)[0, 0] == 3.0  # another DiT: made again
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--targets", "qkv_x,mlp_x"], "LoRA targets must be among"),
+        (["--rank", "0"], "rank >= 1"),
+        (["--share", "0"], "--share must be in"),
+        (["--concept", "pink"], None),
+        (["--diffusers_out", "d.safetensors"], "--diffusers_out writes only the attention projections"),
+    ],
+)
+def test_demo_proof_command_rejects_bad_settings_before_any_work(tmp_path, capsys, args, message):
+    from mochi_preview.train.lora import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--out", str(tmp_path / "x.safetensors"), "--model_dir", str(tmp_path / "missing"), *args])
+    text = str(e.value.code) + capsys.readouterr().err
+    assert (message or "invalid choice: 'pink'") in text
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_recaptioned_training_keeps_t5_frozen_and_resumes_exactly(tmp_path):
+    from mochi_preview.text import TextEncoder
+    from mochi_preview.tiny import default_model_dir
+    from mochi_preview.train import LatentData
+    from mochi_preview.train.lora import LoraTrainer, recaptioner
+
+    folder = default_model_dir()  # the shipped demo model: its T5 feeds its DiT
+    data = LatentData(torch.randn(4, 12, 2, 4, 4, generator=torch.Generator().manual_seed(5)), None, None)
+    cfg = lora_config(targets=("qkv_y", "mod_y"))
+
+    def trainer():
+        text = TextEncoder.from_folder(folder / "t5")
+        return LoraTrainer(load_dit(folder, dtype=torch.float32), data, cfg, text, recaptioner(4, seed=0))
+
+    straight = trainer()
+    assert {n for n, p in straight.model.named_parameters() if p.requires_grad} == {
+        f"dit.{n}.lora_{p}_train" for n in straight.layers for p in "AB"
+    }  # T5 and the DiT stay frozen
+    straight.fit(progress=False)
+    trainer().fit(until=2, checkpoint=tmp_path / "ck", progress=False)
+    resumed = trainer()
+    resumed.fit(checkpoint=tmp_path / "ck", progress=False)
+    for n, (A, B) in straight.lora().items():
+        assert torch.equal(resumed.lora()[n][0], A) and torch.equal(resumed.lora()[n][1], B)
+    assert B.abs().max() > 0

@@ -5,7 +5,7 @@ Stages, each resumable (trainers checkpoint under `--work`; finished stages are 
    taught to name the colour, shape and direction of training captions (`mochi_preview.train.text`) and frozen,
    `WORK/t5/`: a random T5 hardly sees word order ("from left to right" vs "from right to left");
 2. the VAE (reconstruction + object colour + KL) on clips of at most 32x32 and 13 frames, fine-tuned at the model's
-   clip size when that is larger (`--size`, `--frames`); then a colour check of its reconstructions (evaluator);
+   clip size when that is larger (`--size`, `--frames`); then a check of its reconstructions (`vae_check`);
 3. the latent statistics (per-channel mean/std, the demo's normalization constants) and a cache of encoded clips;
 4. the DiT, trained with flow matching on that cache (the cached captions' features from the frozen T5 by default;
    for the experiments in bench/RESULTS.md: `--text_encoder frozen` keeps the random T5, `trained` trains it along
@@ -13,6 +13,9 @@ Stages, each resumable (trainers checkpoint under `--work`; finished stages are 
    the tokenizer on the world's captions);
 5. export in the published native layout (dit/decoder/encoder.safetensors, t5/) plus `mochi_defaults.json` and
    `latent_stats.json`, then the adherence evaluation (`evaluate_model`).
+
+The same command and `--seed` give byte-identical files, whether the build ran straight or was stopped and run again
+(tests/demo/test_build_reproducible.py): every model starts from seeded weights and every stage from its checkpoint.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from safetensors.torch import save_file
 
 from ..configs import CONFIGS
 from ..dit import AsymmDiT, init_weights, save_dit_native
-from ..files import atomic_dir
+from ..files import atomic_dir, write_atomic
 from ..geometry import MOCHI
 from ..text import TextEncoder
 from ..tiny import CORPUS, save_tiny_t5
@@ -46,9 +49,10 @@ from ..train import (
     latent_stats,
     reconstruct,
 )
+from ..train.vae import edge_sharpness
 from ..vae import Decoder, Encoder
-from .evaluate import adherence
-from .world import COLOURS, MOVES, SHAPES, WorldConfig, caption, combos, sample_batch, to_frames
+from .evaluate import GHOST_FREE, adherence, ghost_level, one_object_share
+from .world import COLOURS, MOVES, SHAPES, WorldConfig, caption, combos, sample_batch, to_frames, to_model_range
 
 MODEL = CONFIGS["demo"]  # the networks' sizes; DemoSpec holds the clips and training sizes
 
@@ -68,14 +72,22 @@ class DemoSpec:
     latent_clips: int = 4096  # clips in the DiT's training cache
     num_steps: int = 24  # sampling defaults written to mochi_defaults.json
     cfg_scale: float = 4.5
+    object_size: tuple[float, float] = WorldConfig.size_range  # half-extent (circle radius) / frame size
+    vae_channels: tuple[int, ...] = MODEL.encoder.channels  # the VAE's widths and ResBlocks per level (both halves)
+    vae_blocks: tuple[int, ...] = MODEL.encoder.num_res_blocks
+    # The first stage's objects: the same share of its smaller frames (False), or as many pixels across as in the
+    # model's clips (True), the scale the VAE has to draw them at in the end.
+    pretrain_keeps_pixels: bool = False
 
     def world(self) -> WorldConfig:
-        return WorldConfig(frames=self.frames, height=self.size, width=self.size)
+        return WorldConfig(frames=self.frames, height=self.size, width=self.size, size_range=self.object_size)
 
     def pretrain_world(self) -> WorldConfig:
         """The VAE's first-stage clips (never larger than the model's own)."""
         size, frames = min(self.size, self.vae_pretrain_size), min(self.frames, self.vae_pretrain_frames)
-        return WorldConfig(frames=frames, height=size, width=size)
+        scale = self.size / size if self.pretrain_keeps_pixels else 1.0
+        objects = tuple(r * scale for r in self.object_size)
+        return WorldConfig(frames=frames, height=size, width=size, size_range=objects)
 
 
 CACHE_SEED = 2  # the seed of the DiT's clip cache (the VAE trains on its own stream)
@@ -96,7 +108,7 @@ def caption_corpus(n: int = 3000, seed: int = 7) -> str:
     return "\n".join(lines) + "\n" + CORPUS
 
 
-def build_t5(folder: Path, spec: DemoSpec, tokenizer: str = "generic") -> None:
+def build_t5(folder: Path, spec: DemoSpec, tokenizer: str = "generic", seed: int = 0) -> None:
     """A random T5 encoder and its tokenizer: the starting point of the text encoder (or all of it, when frozen).
 
     tokenizer "generic": the package's tiny English tokenizer, which cuts the world's words apart ("left" is
@@ -106,7 +118,7 @@ def build_t5(folder: Path, spec: DemoSpec, tokenizer: str = "generic") -> None:
     if (folder / "model.safetensors").is_file():
         return
     t5 = MODEL.t5
-    size = dict(d_model=t5.d_model, num_layers=t5.num_layers, num_heads=t5.num_heads, d_ff=t5.d_ff, seed=0)
+    size = dict(d_model=t5.d_model, num_layers=t5.num_layers, num_heads=t5.num_heads, d_ff=t5.d_ff, seed=seed)
     if tokenizer == "generic":
         save_tiny_t5(folder, **size)
     else:  # BPE pieces keep the frequent words whole; unigram training on this corpus split them
@@ -129,41 +141,62 @@ def caption_labels(
     return captions, torch.tensor(labels)
 
 
-def pretrain_t5(t5_init: Path, folder: Path, work: Path, steps: int, threads: int) -> None:
+def pretrain_t5(t5_init: Path, folder: Path, work: Path, cfg: TextTrainConfig, check: bool = True) -> None:
     """Teach the random T5 in `t5_init` to name the attributes of training captions; write it to `folder`."""
     if (folder / "model.safetensors").is_file():
         return
     text = TextEncoder.from_folder(t5_init)
-    cfg = TextTrainConfig(steps=steps, threads=threads, checkpoint_every=200)
     trainer = TextTrainer(text, (len(COLOURS), len(SHAPES), len(MOVES)), caption_labels, cfg)
     trainer.fit(checkpoint=work / "t5_train")
-    # A check, not a selection: held-out combinations in held-out sentence forms, never trained on.
-    heldout = caption_labels(np.random.default_rng(1), 512, "heldout", "heldout", capitalise=0.0)
-    accuracy = dict(zip(("colour", "shape", "direction"), trainer.accuracy(*heldout)))
-    log(f"text encoder on held-out captions: {accuracy}")
-    (work / "t5_check.json").write_text(json.dumps(accuracy))
+    if check:  # a check, not a selection: held-out combinations in held-out sentence forms, never trained on
+        heldout = caption_labels(np.random.default_rng(1), 512, "heldout", "heldout", capitalise=0.0)
+        accuracy = dict(zip(("colour", "shape", "direction"), trainer.accuracy(*heldout)))
+        log(f"text encoder on held-out captions: {accuracy}")
+        (work / "t5_check.json").write_text(json.dumps(accuracy))
     with atomic_dir(folder) as tmp:  # complete or absent: a rerun after an interruption starts this stage again
         shutil.copytree(t5_init, tmp, dirs_exist_ok=True)  # the tokenizer files; the weights are replaced next
         trainer.ema_model().t5.save_pretrained(tmp)
 
 
-def vae_models(spec: DemoSpec) -> tuple[Encoder, Decoder]:
-    """A reduced AsymmVAE (the registry's "demo" entry): the published layout with fewer channels and blocks."""
-    return Encoder(MODEL.encoder), Decoder(MODEL.decoder)
+def seeded(make, seed: int):
+    """`make()` with torch's global RNG seeded, leaving the caller's stream alone: module constructors draw from it,
+    and what ran before (stages done in this process or skipped on a resume) must not change a new model."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return make()
+
+
+def vae_models(spec: DemoSpec, seed: int = 0) -> tuple[Encoder, Decoder]:
+    """A reduced AsymmVAE (the registry's "demo" entry, at `spec`'s widths): the published layout, fewer channels."""
+    size = dict(channels=spec.vae_channels, num_res_blocks=spec.vae_blocks)
+    return seeded(lambda: (Encoder(replace(MODEL.encoder, **size)), Decoder(replace(MODEL.decoder, **size))), seed)
+
+
+def reconstruction_scores(recon: torch.Tensor, videos: torch.Tensor, attrs: list) -> dict:
+    """Reconstructions (B, 3, T, H, W) in [-1, 1] of uint8 `videos` as the evaluator sees them (colour, shape,
+    direction; shares of clips with one object in >= 95% of frames and free of ghosts), their PSNR and edge
+    sharpness (1: as crisp as the rendered clips)."""
+    frames = [to_frames(v) for v in recon]
+    scores = {k: v for k, v in adherence(frames, attrs).items() if k != "observations"}
+    truth = to_model_range(videos)
+    scores["one_object"] = float(np.mean([one_object_share(f) >= 0.95 for f in frames]))
+    scores["ghost_free"] = float(np.mean([ghost_level(f) <= GHOST_FREE for f in frames]))
+    scores["psnr"] = float(10 * torch.log10(4.0 / (recon - truth).pow(2).mean()))  # the signal spans [-1, 1]
+    return scores | {"edge": edge_sharpness(recon, truth)}
 
 
 @torch.no_grad()
-def vae_colour_check(encoder, decoder, spec: DemoSpec, n: int = 140, seed: int = 123) -> dict:
-    """Adherence of the VAE's own reconstructions (all combinations): the ceiling of what the DiT can reach."""
+def vae_check(encoder, decoder, spec: DemoSpec, n: int = 140, seed: int = 123) -> dict:
+    """The VAE's own reconstructions of held-out clips (all combinations, their own seed): the ceiling of what the
+    DiT can reach."""
     videos, _, attrs = sample_batch(np.random.default_rng(seed), n, split="all", config=spec.world())
     recon = torch.cat([reconstruct(encoder, decoder, videos[i : i + 20]) for i in range(0, n, 20)])
-    scores = adherence([to_frames(v) for v in recon], attrs)
-    return {k: v for k, v in scores.items() if k != "observations"}
+    return reconstruction_scores(recon, videos, attrs)
 
 
 def train_vae(work: Path, spec: DemoSpec, cfg: VAETrainConfig, finetune: VAETrainConfig) -> tuple[Encoder, Decoder]:
     """Train (or resume) the VAE on small clips (`cfg`), then at full size (`finetune`); return its EMA weights."""
-    encoder, decoder = vae_models(spec)
+    encoder, decoder = vae_models(spec, cfg.seed)
     stages = [(spec.pretrain_world(), cfg, work / "vae")]
     if spec.pretrain_world() != spec.world() and finetune.steps > 0:
         stages.append((spec.world(), finetune, work / "vae_full"))
@@ -193,31 +226,32 @@ def recaptioner(spec: DemoSpec, data: LatentData, seed: int):
     return lambda indices, rng: [caption(rng, attrs[i], "train") for i in indices]
 
 
-def dit_model(spec: DemoSpec) -> AsymmDiT:
+def dit_model(spec: DemoSpec, seed: int = 0) -> AsymmDiT:
     # init_weights gives the learned RoPE frequencies a spread of values: left at zero (the module's placeholder)
     # tokens carry no position, and the model never learns where the object is or where it goes.
-    return init_weights(AsymmDiT(MODEL.dit), generator=torch.Generator().manual_seed(0))
+    return init_weights(AsymmDiT(MODEL.dit), generator=torch.Generator().manual_seed(seed))
 
 
 def export(out: Path, dit: AsymmDiT, t5, t5_files: Path, encoder, decoder, mean, std, spec, dtype) -> None:
     """Write the native layout; `dtype` halves the DiT and VAE files (the loaders cast back on load); T5 stays fp32.
     `t5_files`: the text encoder's folder (tokenizer and weights), `t5`: weights trained with the DiT, if any."""
     half = lambda module: {k: v.detach().to(dtype).contiguous() for k, v in module.state_dict().items()}
-    (out / "t5").mkdir(exist_ok=True)
-    for f in t5_files.iterdir():  # the tokenizer files (and the weights, replaced below when trained along)
-        shutil.copyfile(f, out / "t5" / f.name)
-    if t5 is not None:
-        t5.save_pretrained(out / "t5")
+    # Every file (and the t5/ folder) appears whole or not at all: an interrupted export is simply run again.
+    with atomic_dir(out / "t5", replace=True) as tmp:
+        for f in t5_files.iterdir():  # the tokenizer files (and the weights, replaced below when trained along)
+            shutil.copyfile(f, tmp / f.name)
+        if t5 is not None:
+            t5.save_pretrained(tmp)
     (out / "dit.safetensors").unlink(missing_ok=True)  # save_dit_native refuses to overwrite
     save_dit_native(out / "dit.safetensors", dit, dtype=dtype)
-    save_file(half(decoder), str(out / "decoder.safetensors"))
-    save_file(half(encoder), str(out / "encoder.safetensors"))
+    for name, module in [("decoder", decoder), ("encoder", encoder)]:
+        write_atomic(out / f"{name}.safetensors", lambda f, m=module: save_file(half(m), str(f)), replace=True)
     stats = {"mean": [float(x) for x in mean], "std": [float(x) for x in std]}
-    (out / "latent_stats.json").write_text(json.dumps(stats, indent=1) + "\n")
     defaults = dict(
         width=spec.size, height=spec.size, num_frames=spec.frames, num_steps=spec.num_steps, cfg_scale=spec.cfg_scale
     )
-    (out / "mochi_defaults.json").write_text(json.dumps(defaults, indent=1) + "\n")
+    for name, value in [("latent_stats.json", stats), ("mochi_defaults.json", defaults)]:
+        write_atomic(out / name, lambda f, v=value: f.write_text(json.dumps(v, indent=1) + "\n"), replace=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -237,6 +271,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--vae_pretrain_frames", type=int, default=DemoSpec.vae_pretrain_frames)
     p.add_argument("--latent_clips", type=int, default=DemoSpec.latent_clips, help="clips in the DiT's cache")
     p.add_argument(
+        "--object_size", type=float, nargs=2, default=DemoSpec.object_size, help="half-extent range / frame size"
+    )
+    p.add_argument("--vae_channels", type=int, nargs=4, default=DemoSpec.vae_channels, help="VAE widths per level")
+    p.add_argument("--vae_blocks", type=int, nargs=5, default=DemoSpec.vae_blocks, help="VAE ResBlocks per level")
+    p.add_argument("--vae_edge_weight", type=float, default=0.0, help="VAE loss: L1 of the spatial gradients")
+    p.add_argument(
+        "--vae_pretrain_pixels",
+        action="store_true",
+        help="first-stage objects as many pixels across as in the model's clips (default: the same share of the frame)",
+    )
+    p.add_argument(
         "--text_encoder",
         choices=["pretrained", "frozen", "trained"],
         default="pretrained",
@@ -254,7 +299,13 @@ def main(argv: list[str] | None = None) -> None:
         default="generic",
         help="the tiny generic tokenizer (default) or one trained on the captions",
     )
-    p.add_argument("--skip_eval", action="store_true")
+    p.add_argument("--seed", type=int, default=0, help="initialisation and training draws of every stage")
+    p.add_argument(
+        "--checkpoint_every", type=int, default=0, help="steps between checkpoints (0: T5 200, VAE 100, DiT 250)"
+    )
+    p.add_argument(
+        "--skip_eval", action="store_true", help="no checks (T5 on held-out captions, VAE reconstructions, adherence)"
+    )
     args = p.parse_args(argv)
     # Checked before anything is written: a wrong size would otherwise fail stages later, inside a network.
     g = MOCHI
@@ -269,9 +320,21 @@ def main(argv: list[str] | None = None) -> None:
         if not g.valid_frames(n := getattr(args, name)):
             p.error(f"--{name} {n}: must be {g.temporal}k + 1 (the VAE's causal compression); nearest valid: "
                     f"{g.nearest_frames(n)}")  # fmt: skip
-    for name in ("text_steps", "vae_steps", "vae_finetune_steps", "dit_steps", "latent_clips", "vae_batch", "threads"):
-        if getattr(args, name) < (0 if name.endswith("steps") else 1):
-            p.error(f"--{name} {getattr(args, name)}: must be {'at least 0' if name.endswith('steps') else 'positive'}")
+    if any(c < 32 or c % 32 for c in args.vae_channels) or min(args.vae_blocks) < 0:
+        p.error(f"--vae_channels {args.vae_channels} must be positive multiples of 32 (GroupNorm with 32 groups), "
+                f"--vae_blocks {args.vae_blocks} at least 0")  # fmt: skip
+    small, large = args.object_size
+    for name, frame in [("size", args.size), ("vae_pretrain_size", min(args.size, args.vae_pretrain_size))]:
+        unit = args.size if args.vae_pretrain_pixels else frame  # object sizes are shares of this many pixels
+        limit = (frame / 2 - WorldConfig.margin) / unit  # the largest half-extent that leaves room to move
+        if not 0 < small <= large < limit:
+            p.error(f"--object_size {small} {large}: needs 0 < MIN <= MAX < {limit:.3f} (objects that fit with "
+                    f"room to move in the {frame}-pixel frames of --{name})")  # fmt: skip
+    counts = ("text_steps", "vae_steps", "vae_finetune_steps", "dit_steps", "latent_clips", "vae_batch", "threads")
+    for name in (*counts, "seed", "checkpoint_every"):
+        at_least_0 = name.endswith("steps") or name in ("seed", "checkpoint_every")
+        if getattr(args, name) < (0 if at_least_0 else 1):
+            p.error(f"--{name} {getattr(args, name)}: must be {'at least 0' if at_least_0 else 'positive'}")
     torch.set_num_threads(args.threads)
     spec = DemoSpec(
         frames=args.frames,
@@ -279,12 +342,17 @@ def main(argv: list[str] | None = None) -> None:
         vae_pretrain_frames=args.vae_pretrain_frames,
         vae_pretrain_size=args.vae_pretrain_size,
         latent_clips=args.latent_clips,
+        object_size=tuple(args.object_size),
+        vae_channels=tuple(args.vae_channels),
+        vae_blocks=tuple(args.vae_blocks),
+        pretrain_keeps_pixels=args.vae_pretrain_pixels,
     )
     out, work = args.out, args.work or args.out.with_name(args.out.name + ".work")
-    # The latent cache holds one text encoder's features: a work folder stays with the text options it began with.
-    text_options = {"text_encoder": args.text_encoder, "tokenizer": args.tokenizer}
+    # The latent cache holds one text encoder's features, the checkpoints one seed's run: a work folder stays with
+    # the options it began with (folders from before --seed were built with seed 0).
+    text_options = {"text_encoder": args.text_encoder, "tokenizer": args.tokenizer, "seed": args.seed}
     record = work / "text_options.json"
-    if record.is_file() and (before := json.loads(record.read_text())) != text_options:
+    if record.is_file() and (before := {"seed": 0, **json.loads(record.read_text())}) != text_options:
         p.error(f"{work} was built with {before}, not {text_options}: give another --work or the same options")
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
@@ -294,11 +362,15 @@ def main(argv: list[str] | None = None) -> None:
 
     log("1/5 text encoder")
     t5_init = work / "t5_init"
-    build_t5(t5_init, spec, args.tokenizer)
+    every = lambda default: args.checkpoint_every or default
+    build_t5(t5_init, spec, args.tokenizer, args.seed)
     t5_files = t5_init
     if args.text_encoder == "pretrained":
         t5_files = work / "t5"
-        pretrain_t5(t5_init, t5_files, work, args.text_steps, args.threads)
+        text_cfg = TextTrainConfig(
+            steps=args.text_steps, threads=args.threads, checkpoint_every=every(200), seed=args.seed
+        )
+        pretrain_t5(t5_init, t5_files, work, text_cfg, check=not args.skip_eval)
     text = TextEncoder.from_folder(t5_files)
 
     log("2/5 VAE")
@@ -310,24 +382,29 @@ def main(argv: list[str] | None = None) -> None:
         min_lr_ratio=0.05,
         object_weight=8.0,
         colour_weight=5.0,
+        edge_weight=args.vae_edge_weight,
         ema_decay=0.995,
         threads=args.threads,
-        checkpoint_every=100,
+        checkpoint_every=every(100),
+        seed=args.seed,
     )
     finetune_cfg = replace(vae_cfg, steps=args.vae_finetune_steps, lr=5e-4, warmup=20, ema_decay=0.99)
     encoder, decoder = train_vae(work, spec, vae_cfg, finetune_cfg)
-    check = vae_colour_check(encoder, decoder, spec)
-    log(f"VAE reconstructions: {check}")
-    (work / "vae_check.json").write_text(json.dumps(check))
+    if not args.skip_eval:
+        check = vae_check(encoder, decoder, spec)
+        log(f"VAE reconstructions: {check}")
+        (work / "vae_check.json").write_text(json.dumps(check))
 
     log("3/5 latent statistics and cache")
     cache = work / "latents.safetensors"
     stats_file = work / "latent_stats.json"
     if not cache.is_file():
-        mean, std = latent_stats(encoder, (v for v, _ in clip_batches(spec, 512, seed=1)))
-        stats_file.write_text(json.dumps({"mean": mean.tolist(), "std": std.tolist()}))
+        stats_clips = min(512, spec.latent_clips)  # 512 in the real build; toy builds encode fewer
+        mean, std = latent_stats(encoder, (v for v, _ in clip_batches(spec, stats_clips, seed=1)))
+        stats = json.dumps({"mean": mean.tolist(), "std": std.tolist()})
+        write_atomic(stats_file, lambda f: f.write_text(stats), replace=True)
         data = encode_latent_data(encoder, text, clip_batches(spec, spec.latent_clips, seed=CACHE_SEED), mean, std)
-        data.save(cache)
+        write_atomic(cache, data.save)  # the cache's presence marks this stage done: never a half-written one
     stats = json.loads(stats_file.read_text())
     mean, std = torch.tensor(stats["mean"]), torch.tensor(stats["std"])
     data = LatentData.load(cache)
@@ -340,13 +417,14 @@ def main(argv: list[str] | None = None) -> None:
         lr=6e-4,
         warmup=100,
         threads=args.threads,
-        checkpoint_every=250,
+        checkpoint_every=every(250),
         train_text_encoder=trained,
+        seed=args.seed,
     )
     fresh = args.captions == "fresh"
     runs_t5 = trained or fresh  # T5 runs at every step on token ids instead of giving the cached features
     recaption = recaptioner(spec, data, seed=CACHE_SEED) if fresh else None
-    trainer = DiTTrainer(dit_model(spec), data, dit_cfg, text=text if runs_t5 else None, recaption=recaption)
+    trainer = DiTTrainer(dit_model(spec, args.seed), data, dit_cfg, text=text if runs_t5 else None, recaption=recaption)
     trainer.fit(checkpoint=work / "dit")
     ema = trainer.ema_model()
     dit = ema.dit if runs_t5 else ema

@@ -28,6 +28,10 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "orange": (250, 135, 20),
     "purple": (165, 45, 225),
 }
+# Colours outside COLOURS, so outside every training split: the new concept the LoRA proof teaches (train/lora.py).
+# Lime (81°) sits between yellow and green; the demo VAE reconstructs it at 74°-97° (pink and cyan it cannot: they
+# come back purple and grey).
+NEW_COLOURS: dict[str, tuple[int, int, int]] = {"lime": (160, 235, 25)}
 SHAPES = ("circle", "square", "triangle")
 MOVES = ("left", "right", "up", "down")
 DIRECTIONS = (*MOVES, "still")
@@ -139,7 +143,7 @@ def render(attrs: list[Attributes], geometry: Geometry, config: WorldConfig, rng
     # Coverage of each pixel: a one-pixel linear ramp across the outline approximates box-filtered edges.
     cover = np.clip(0.5 - sdf, 0.0, 1.0) if config.antialias else (sdf <= 0).astype(np.float32)  # (B, T, H, W)
 
-    colour = np.array([COLOURS[a.colour] for a in attrs], dtype=np.float32)  # (B, 3)
+    colour = np.array([(COLOURS | NEW_COLOURS)[a.colour] for a in attrs], dtype=np.float32)  # (B, 3)
     if config.colour_jitter:
         if rng is None:
             raise ValueError("render needs `rng` when config.colour_jitter > 0")

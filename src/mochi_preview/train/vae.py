@@ -27,6 +27,7 @@ class VAETrainConfig(TrainConfig):
     recon_loss: str = "l1"  # "l1" or "mse", per pixel
     object_weight: float = 4.0  # extra weight on object pixels, which cover a few % of the frame
     colour_weight: float = 1.0  # MSE between the object's mean colour in the input and the reconstruction
+    edge_weight: float = 0.0  # L1 between the spatial gradients of the input and the reconstruction (crisp outlines)
     kl_weight: float = 1e-4
     sample_posterior: bool = False  # decode mean + std * eps instead of the mean
 
@@ -37,8 +38,30 @@ def object_mask(x: torch.Tensor, threshold: float = 0.2) -> torch.Tensor:
     return ((x - background).abs().amax(dim=1, keepdim=True) > threshold).float()
 
 
+def spatial_gradients(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward differences of (..., H, W) along W and H, both cropped to (..., H - 1, W - 1)."""
+    return x[..., :-1, 1:] - x[..., :-1, :-1], x[..., 1:, :-1] - x[..., :-1, :-1]
+
+
+def gradient_magnitude(x: torch.Tensor) -> torch.Tensor:
+    """(B, 3, T, H, W) -> (B, T, H - 1, W - 1): the largest over the colour channels of the gradient's length."""
+    gx, gy = spatial_gradients(x)
+    return (gx * gx + gy * gy).sqrt().amax(dim=1)
+
+
+@torch.no_grad()
+def edge_sharpness(recon: torch.Tensor, truth: torch.Tensor, threshold: float = 0.25) -> float:
+    """Mean gradient magnitude of `recon` on the outlines of `truth` (where its own exceeds `threshold`), as a share
+    of truth's there: 1 is as crisp as the rendered clip, a blurred outline less. Both (B, 3, T, H, W) in [-1, 1]."""
+    edge = gradient_magnitude(truth)
+    band = edge > threshold
+    if not band.any():
+        raise ValueError("edge_sharpness: the clips have no outline (no gradient above the threshold)")
+    return float(gradient_magnitude(recon)[band].mean() / edge[band].mean())
+
+
 def vae_losses(x: torch.Tensor, recon: torch.Tensor, mean, logvar, cfg: VAETrainConfig) -> dict[str, torch.Tensor]:
-    """Loss terms of one batch: weighted reconstruction, object colour, KL (per latent element) and plain MSE."""
+    """Loss terms of one batch: weighted reconstruction, object colour, edges, KL (per latent element), plain MSE."""
     err = (recon - x).abs() if cfg.recon_loss == "l1" else (recon - x) ** 2  # (B, 3, T, H, W)
     obj = object_mask(x)  # (B, 1, T, H, W)
     weight = 1.0 + cfg.object_weight * obj
@@ -46,8 +69,9 @@ def vae_losses(x: torch.Tensor, recon: torch.Tensor, mean, logvar, cfg: VAETrain
     area = obj.sum(dim=(2, 3, 4)).clamp_min(1.0)  # (B, 1)
     colour = lambda v: (v * obj).sum(dim=(2, 3, 4)) / area  # (B, 3): mean colour of the object's pixels
     colour_term = F.mse_loss(colour(recon), colour(x))
+    edge = sum(F.l1_loss(a, b) for a, b in zip(spatial_gradients(recon), spatial_gradients(x)))
     kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).mean()
-    return {"recon": recon_term, "colour": colour_term, "kl": kl, "mse": F.mse_loss(recon.detach(), x)}
+    return {"recon": recon_term, "colour": colour_term, "edge": edge, "kl": kl, "mse": F.mse_loss(recon.detach(), x)}
 
 
 class VAETrainer(Trainer):
@@ -72,7 +96,8 @@ class VAETrainer(Trainer):
             z = mean + (0.5 * logvar).exp() * torch.randn(mean.shape, generator=self.generator)
         recon = self.decoder(z)  # the plain network: no tiling or chunking while training
         terms = vae_losses(x, recon, mean, logvar, cfg)
-        loss = terms["recon"] + cfg.colour_weight * terms["colour"] + cfg.kl_weight * terms["kl"]
+        loss = terms["recon"] + cfg.colour_weight * terms["colour"] + cfg.edge_weight * terms["edge"]
+        loss = loss + cfg.kl_weight * terms["kl"]
         psnr = 10 * torch.log10(4.0 / terms["mse"].clamp_min(1e-10))  # the signal spans [-1, 1]: peak^2 = 4
         return loss, {k: v.item() for k, v in terms.items()} | {"psnr": psnr.item()}
 
