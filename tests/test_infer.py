@@ -437,7 +437,8 @@ def test_preview_png_is_rewritten_during_sampling_and_stages_are_reported(native
     assert image.dtype == np.uint8 and image.shape == written[-1] and image.shape[2] == 3
     assert [p.name for p in png.parent.iterdir()] == ["now.png"]  # written whole: no temporary file left
     err = capsys.readouterr().err
-    text, steps, decode = (err.index(s) for s in ("text: encoding the prompt", "5/5 [", "decoding: the VAE"))
+    # the stages in order (the bar's final 5/5 may be drawn again after the decoding line: tqdm redraws it)
+    text, steps, decode = (err.index(s) for s in ("text: encoding the prompt", "sampling:", "decoding: the VAE"))
     assert text < steps < decode and re.search(r"5/5 \[[0-9:<]+, +[0-9.]+(s/step|step/s)\]", err)
 
 
