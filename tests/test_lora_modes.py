@@ -19,12 +19,7 @@ CALL = dict(height=32, width=48, num_frames=7, num_inference_steps=2, seed=1, pr
 MODES = {"resident": None, "model": None, "sequential": 2**20}  # mode -> planning budget (1 MiB: blocks stream)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
