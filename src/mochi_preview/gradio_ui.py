@@ -501,10 +501,10 @@ def make_handler(studio: Studio):
                 preview = gr.skip() if job.previews == shown else job.preview
                 shown = job.previews
                 yield gr.skip(), gr.skip(), gr.skip(), status, preview
+        last = job.preview if job.previews != shown else gr.skip()  # a preview made after the last poll
         if isinstance(job.error, JobStopped) and job.cancel.is_set():  # the user asked for it: no error
-            yield gr.skip(), gr.skip(), gr.skip(), str(job.error), gr.skip()
+            yield gr.skip(), gr.skip(), gr.skip(), str(job.error), last
             return
-        last = job.preview if job.previews != shown else gr.skip()
         try:
             yield *studio.result(job), "\n\n".join([*(f"⚠️ {n}" for n in job.notices), "Done"]), last
         except gr.Error as e:
