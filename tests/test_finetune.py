@@ -2,8 +2,10 @@
 on the shipped demo model, exact resume, exports that load, and gradient checkpointing."""
 
 import json
+import re
 import shutil
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -168,6 +170,21 @@ def test_config_problems_are_named_before_any_work(tmp_path, data_dir, capsys):
     assert not (tmp_path / "out").exists()  # nothing written, nothing loaded
 
 
+def test_the_readmes_example_config_is_accepted_as_written(tmp_path, data_dir):
+    """Only its paths are pointed at this test's folders (its model_dir `weights` is a user's download)."""
+    import yaml
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"```yaml\n(output_dir: finetunes/my_lora.*?)```", readme, re.S)
+    cfg = yaml.safe_load(block.group(1))
+    assert cfg["lora"]["targets"] == ["qkv_x", "qkv_y", "proj_x", "proj_y"] and cfg["train"]["mode"] == "lora"
+    cfg |= {"output_dir": str(tmp_path / "out"), "model_dir": str(default_model_dir())}
+    cfg["data"]["folder"] = str(data_dir)
+    got = finetune.load_and_check(write_config(tmp_path, cfg))
+    assert (got.data.width, got.data.height, got.data.num_frames, got.train.steps) == (848, 480, 37, 2000)
+    assert got.export.diffusers and got.validation.prompts == ("a red panda eating bamboo",)
+
+
 def test_config_json_overrides_and_model_defaults(tmp_path, data_dir):
     cfg = config(tmp_path, data_dir)
     del cfg["data"]["width"], cfg["data"]["height"], cfg["data"]["num_frames"]
@@ -185,7 +202,8 @@ def test_config_json_overrides_and_model_defaults(tmp_path, data_dir):
 def test_lora_run_through_main_writes_loadable_loras(tmp_path, data_dir, cache):
     out = seeded_output(tmp_path, cache)
     cfg = config(tmp_path, data_dir, validation={"prompts": ["a red square"], "every": 4, "num_inference_steps": 2})
-    result = finetune.main([str(write_config(tmp_path, cfg)), "export.diffusers=true", "train.threads=1"])
+    targets = "lora.targets=[qkv_x,qkv_y,proj_x,proj_y,mod_x,mod_y]"  # the modulation too (the last block's mod_y)
+    result = finetune.main([str(write_config(tmp_path, cfg)), "export.diffusers=true", "train.threads=1", targets])
     assert result["finished"] and result["step"] == 4 and result["clips"] == 2 and len(result["skipped"]) == 2
     assert (out / "checkpoints" / "model_2.lora.safetensors").is_file()
 
@@ -200,9 +218,10 @@ def test_lora_run_through_main_writes_loadable_loras(tmp_path, data_dir, cache):
     merged = load_lora(load_dit(default_model_dir(), dtype=torch.float32), out / "lora.safetensors")
     via_peft = load_lora(load_dit(default_model_dir(), dtype=torch.float32), out / "pytorch_lora_weights.safetensors")
     zero = load_lora(load_dit(default_model_dir(), dtype=torch.float32), out / "lora.safetensors", strength=0.0)
-    w = "blocks.0.attn.qkv_x.weight"
-    assert not torch.equal(merged.state_dict()[w], base.state_dict()[w])  # trained: B moved off zero
-    assert torch.allclose(via_peft.state_dict()[w], merged.state_dict()[w], atol=1e-6)
+    last = f"blocks.{len(base.blocks) - 1}.mod_y.weight"
+    for w in ("blocks.0.attn.qkv_x.weight", "blocks.0.mod_x.weight", last):
+        assert not torch.equal(merged.state_dict()[w], base.state_dict()[w]), w  # trained: B moved off zero
+    assert all(torch.allclose(v, merged.state_dict()[k], atol=1e-6) for k, v in via_peft.state_dict().items())
     assert all(torch.equal(v, base.state_dict()[k]) for k, v in zero.state_dict().items())
 
     frames, info = read_video(out / "validation" / "step_000004" / "00.mp4")

@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from mochi_preview import load_dit
 from mochi_preview.checkpoint import CheckpointError
 from mochi_preview.dit.fp8 import quantize_dit_fp8
+from mochi_preview.lora import TARGETS as ALL_TARGETS
 from mochi_preview.lora import (
     LoraError,
     LoraMixin,
@@ -317,6 +318,47 @@ def test_peft_oracle_gives_the_same_velocity(base, files):
     assert rel_err(want, base[1](x, s, f, m)) > 1e-2  # peft did apply it
 
 
+def test_every_trainable_layer_written_in_diffusers_form_is_read_by_peft_as_ours(base, tmp_path):
+    """Modulation and MLP LoRAs (the demo proof's mod_x/mod_y; w1's halves swapped; the last block's mod_y is
+    diffusers' norm1_context.linear_1): the diffusers file, loaded by diffusers + peft, moves the oracle's velocity
+    exactly as the native file moves ours."""
+    pytest.importorskip("peft")
+    from diffusers.loaders.lora_pipeline import Mochi1LoraLoaderMixin
+    from dit_fixtures import diffusers_transformer
+
+    dit, g = base[1], torch.Generator().manual_seed(11)
+    layers = {}
+    for i, block in enumerate(dit.blocks):
+        for t in ALL_TARGETS:
+            path = f"attn.{t}" if t in TARGETS else t
+            layer = _linear_or_none(block, path)
+            if layer is not None:
+                layers[f"blocks.{i}.{path}"] = (torch.randn(RANK, layer.in_features, generator=g) * 0.1,
+                                                torch.randn(layer.out_features, RANK, generator=g) * 0.1)  # fmt: skip
+    assert f"blocks.{len(dit.blocks) - 1}.mod_y" in layers and "blocks.0.mlp_y.w1" in layers
+    native = save_lora_native(tmp_path / "all.safetensors", layers, RANK, ALPHA)
+    peft_file = save_lora_diffusers(tmp_path / "all_peft.safetensors", layers, RANK, ALPHA, len(dit.blocks) - 1)
+    with pytest.raises(ValueError, match="last_block"):
+        save_lora_diffusers(tmp_path / "no.safetensors", layers, RANK, ALPHA)
+    x, s, f, m = inputs()
+    state, metadata = Mochi1LoraLoaderMixin.lora_state_dict(str(peft_file), return_lora_metadata=True)
+    oracle = diffusers_transformer()
+    oracle.load_lora_adapter(state, prefix="transformer", metadata=metadata, adapter_name="x")
+    with torch.no_grad():
+        want = oracle(x, f, 1000.0 * (1.0 - s), m.long(), return_dict=False)[0]
+        for path in (native, peft_file):
+            assert rel_err(load_lora(fresh(base), path)(x, s, f, m), want) <= 1e-5, path.name
+    assert rel_err(want, base[1](x, s, f, m)) > 1e-2  # peft did apply it
+
+
+def _linear_or_none(block, path: str):
+    """The block's Linear at `path`, or None (the last block has no proj_y nor mlp_y)."""
+    try:
+        return block.get_submodule(path)
+    except AttributeError:
+        return None
+
+
 # ---- bad input ------------------------------------------------------------------------------------------------
 
 
@@ -482,8 +524,10 @@ def test_modulation_and_mlp_targets_train_and_read_back(base, tmp_path):
         want = trainer.model(x, s, f, m)
         assert rel_err(load_lora(fresh(base), native)(x, s, f, m), want) <= 1e-5
         assert rel_err(want, base[1](x, s, f, m)) > 1e-4  # the modulation LoRA does change the output
-    with pytest.raises(ValueError, match="only the attention projections"):
-        trainer.export(tmp_path / "mod2.safetensors", diffusers=tmp_path / "mod_d.safetensors")
+    trainer.export(tmp_path / "mod2.safetensors", diffusers=tmp_path / "mod_d.safetensors")  # every target
+    assert set(read_lora(tmp_path / "mod_d.safetensors", base[1]).layers) == names
+    with torch.no_grad():
+        assert rel_err(load_lora(fresh(base), tmp_path / "mod_d.safetensors")(x, s, f, m), want) <= 1e-5
 
 
 # ---- the demo proof ---------------------------------------------------------------------------------------------
@@ -539,7 +583,6 @@ def test_base_frames_are_cached_per_prompts_and_dit(tmp_path):
         (["--rank", "0"], "rank >= 1"),
         (["--share", "0"], "--share must be in"),
         (["--concept", "pink"], None),
-        (["--diffusers_out", "d.safetensors"], "--diffusers_out writes only the attention projections"),
     ],
 )
 def test_demo_proof_command_rejects_bad_settings_before_any_work(tmp_path, capsys, args, message):

@@ -28,7 +28,7 @@ import torch
 
 from .files import write_atomic
 from .geometry import MOCHI
-from .lora import GENMO_TARGETS
+from .lora import GENMO_TARGETS, TARGETS
 
 DEFAULT_SIZE = {"width": 848, "height": 480, "num_frames": 37}  # Genmo's fine-tuner, for folders without defaults
 
@@ -251,8 +251,8 @@ def check_config(cfg: FinetuneConfig) -> list[str]:
         p.append(f"lora.rank must be at least 1; got {lo.rank}")
     if lo.alpha <= 0:
         p.append(f"lora.alpha must be positive; got {lo.alpha}")
-    if not lo.targets or any(x not in GENMO_TARGETS for x in lo.targets):
-        p.append(f"lora.targets must be a non-empty list of {list(GENMO_TARGETS)}; got {list(lo.targets)}")
+    if not lo.targets or any(x not in TARGETS for x in lo.targets):
+        p.append(f"lora.targets must be a non-empty list of {list(TARGETS)}; got {list(lo.targets)}")
     if v.every < 0 or (v.num_inference_steps is not None and v.num_inference_steps < 1):
         p.append(f"validation.every must be >= 0 (0: never) and num_inference_steps >= 1; got {v.every}, "
                  f"{v.num_inference_steps}")  # fmt: skip
@@ -401,7 +401,7 @@ def export(cfg: FinetuneConfig, trainer, folder: Path, final: bool) -> list[Path
         if not native.exists():
             written.append(save_lora_native(native, lora, rank, alpha))
         if cfg.export.diffusers and not peft.exists():
-            written.append(save_lora_diffusers(peft, lora, rank, alpha))
+            written.append(save_lora_diffusers(peft, lora, rank, alpha, len(trainer.model.blocks) - 1))
     elif final:  # full fine-tuning: the whole DiT, at the end only (tens of GB at the published size)
         native = folder / "dit.safetensors"
         if not native.exists():

@@ -45,6 +45,9 @@ KNOWN_LAYOUTS = (
     "ComfyUI `blocks.{i}.attn.qkv_x.lora_A` with `blocks.{i}.attn.qkv_x.alpha`"
 )
 GENMO_TARGETS = ("qkv_x", "qkv_y", "proj_x", "proj_y")  # Genmo's fine-tuner: the attention projections
+# What our trainers can also adapt: each block's modulation and MLP Linears (native names under blocks.{i}).
+BLOCK_TARGETS = ("mod_x", "mod_y", "mlp_x.w1", "mlp_x.w2", "mlp_y.w1", "mlp_y.w2")
+TARGETS = GENMO_TARGETS + BLOCK_TARGETS
 NATIVE_PREFIXES = ("model.diffusion_model.", "diffusion_model.")  # ComfyUI's
 DIFFUSERS_PREFIXES = ("transformer.", "base_model.model.")  # diffusers, a bare peft save
 # diffusers module (under transformer_blocks.{i}.) -> (native module under blocks.{i}., row block of 3 or transform)
@@ -563,20 +566,41 @@ def save_lora_native(
 
 
 def save_lora_diffusers(
-    path: str | Path, layers: dict[str, tuple[torch.Tensor, torch.Tensor]], rank: int, alpha: float
+    path: str | Path,
+    layers: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    rank: int,
+    alpha: float,
+    last_block: int | None = None,
 ) -> Path:
-    """Write the diffusers/peft form of native attention LoRAs (q, k, v share A; B split by rows), with peft's
-    `lora_adapter_metadata` (r, lora_alpha, target_modules)."""
+    """Write the diffusers/peft form of native LoRAs, with peft's `lora_adapter_metadata` (r, lora_alpha,
+    target_modules): every layer `DIFFUSERS_BLOCK` / `DIFFUSERS_TOP` name (q, k, v share A, B split by rows; B's row
+    halves swapped where diffusers orders them the other way). `last_block`: the DiT's last block, whose `mod_y`
+    diffusers calls `norm1_context.linear_1` (needed only when `mod_y` is among the layers)."""
+    inverse: dict[str, list[tuple[str, object]]] = {}
+    for diff, (native, how) in [*DIFFUSERS_BLOCK.items(), *DIFFUSERS_TOP.items()]:
+        inverse.setdefault(native, []).append((diff, how))
     tensors, targets = {}, set()
     for name, (A, B) in layers.items():
-        m = re.fullmatch(r"blocks\.(\d+)\.(attn\.\w+)", name)
-        pieces = [(d, s) for d, (n, s) in DIFFUSERS_BLOCK.items() if m and n == m.group(2)]
+        m = re.fullmatch(r"blocks\.(\d+)\.(.+)", name)
+        pieces = inverse.get(m.group(2) if m else name, [])
+        if m and m.group(2) == "mod_y":
+            if last_block is None:
+                raise ValueError(
+                    f"{name}: give last_block (the DiT's last block index) to name mod_y in diffusers' form"
+                )
+            last = int(m.group(1)) == last_block
+            pieces = [(d, how) for d, how in pieces if d.endswith("linear_1") == last]
         if not pieces:
-            raise ValueError(f"only the attention projections' LoRAs are written in diffusers' form; got {name!r}")
-        for diff, slot in pieces:
-            rows = B.shape[0] // 3 if slot is not None else B.shape[0]
-            b = B[slot * rows : (slot + 1) * rows] if slot is not None else B
-            prefix = f"transformer.transformer_blocks.{m.group(1)}.{diff}"
+            raise ValueError(
+                f"no diffusers name for the LoRA layer {name!r}; known: {sorted(inverse)} (under blocks.i)"
+            )
+        for diff, how in pieces:
+            if isinstance(how, int):  # one of q, k, v: its row block of the fused projection
+                rows = B.shape[0] // 3
+                b = B[how * rows : (how + 1) * rows]
+            else:
+                b = swap_halves(B) if how == "swap" else B
+            prefix = f"transformer.transformer_blocks.{m.group(1)}.{diff}" if m else f"transformer.{diff}"
             tensors[f"{prefix}.lora_A.weight"] = A.detach().float().cpu().clone()  # one copy per module
             tensors[f"{prefix}.lora_B.weight"] = b.detach().float().cpu().contiguous()
             targets.add(diff.removeprefix("attn1."))

@@ -41,13 +41,10 @@ from ..demo.world import (
     sample_geometry,
 )
 from ..files import write_atomic
-from ..lora import GENMO_TARGETS, LoraSet, attach, save_lora_diffusers, save_lora_native
+from ..lora import GENMO_TARGETS, TARGETS, LoraSet, attach, save_lora_diffusers, save_lora_native
 from .dit import DiTTrainConfig, DiTTrainer, LatentData, encode_latent_data
 
 ADAPTER = "train"  # the live adapter name of the LoRA being trained
-# Targets beyond the attention projections: each block's modulation and MLP Linears (native names under blocks.{i}).
-BLOCK_TARGETS = ("mod_x", "mod_y", "mlp_x.w1", "mlp_x.w2", "mlp_y.w1", "mlp_y.w2")
-TARGETS = GENMO_TARGETS + BLOCK_TARGETS
 
 
 @dataclass(frozen=True)
@@ -121,7 +118,7 @@ class LoraTrainer(DiTTrainer):
     def export(self, path: str | Path, diffusers: str | Path | None = None) -> Path:
         """Write the LoRA in Genmo's native format (and, with `diffusers`, the diffusers/peft form too)."""
         if diffusers is not None:
-            save_lora_diffusers(diffusers, self.lora(), self.cfg.rank, self.cfg.alpha)
+            save_lora_diffusers(diffusers, self.lora(), self.cfg.rank, self.cfg.alpha, len(self.model.blocks) - 1)
         return save_lora_native(path, self.lora(), self.cfg.rank, self.cfg.alpha)
 
 
@@ -129,7 +126,7 @@ class LoraTrainer(DiTTrainer):
 
 CONCEPTS = ("lime", "still")
 # The proof's settings (the command's defaults): the best of the attempts in bench/RESULTS.md ("LoRA").
-PROOF_STEPS, PROOF_LR, PROOF_TARGETS = 1000, 5e-3, (*GENMO_TARGETS, "mod_x", "mod_y")
+PROOF_STEPS, PROOF_LR, PROOF_RANK, PROOF_TARGETS = 7000, 8e-3, 32, (*GENMO_TARGETS, "mod_x", "mod_y")
 STRENGTH0_PROMPTS = 16  # strength 0 is checked bit for bit against the base on the first batch of each prompt set
 
 
@@ -270,8 +267,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--share", type=float, default=0.5, help="share of training clips that show the concept")
     p.add_argument("--clips", type=int, default=512)
     p.add_argument("--steps", type=int, default=PROOF_STEPS)
-    p.add_argument("--rank", type=int, default=LoraTrainConfig.rank)
-    p.add_argument("--alpha", type=float, default=LoraTrainConfig.alpha)
+    p.add_argument("--rank", type=int, default=PROOF_RANK)
+    p.add_argument("--alpha", type=float, default=None, help="default: the rank (scale alpha / rank = 1)")
     p.add_argument("--lr", type=float, default=PROOF_LR)
     p.add_argument("--targets", default=",".join(PROOF_TARGETS), help=f"comma-separated, among {','.join(TARGETS)}")
     p.add_argument("--batch_size", type=int, default=LoraTrainConfig.batch_size)
@@ -282,6 +279,7 @@ def main(argv: list[str] | None = None) -> dict:
                    help="score base vs LoRA on held-out prompts afterwards")  # fmt: skip
     args = p.parse_args(argv)
     targets = tuple(t for t in args.targets.split(",") if t)
+    args.alpha = float(args.rank) if args.alpha is None else args.alpha
     if args.out.exists():
         raise SystemExit(f"--out {args.out} exists; choose a new file name")
     if not 0.0 < args.share <= 1.0:
@@ -290,10 +288,6 @@ def main(argv: list[str] | None = None) -> dict:
         check_lora_settings(targets, args.rank, args.alpha)
     except ValueError as e:
         raise SystemExit(f"--targets/--rank/--alpha: {e}") from None
-    if args.diffusers_out is not None and not set(targets) <= set(GENMO_TARGETS):
-        raise SystemExit(
-            f"--diffusers_out writes only the attention projections {GENMO_TARGETS}; got --targets {targets}"
-        )
     torch.set_num_threads(args.threads)
     if args.model_dir is None:
         from ..tiny import default_model_dir
