@@ -78,6 +78,9 @@ def fork(work, log: Path) -> int:
     pid = os.fork()
     if pid == 0:
         code = 1
+        # Ctrl-C as in a terminal: a suite started in the background of a non-interactive shell inherits SIGINT
+        # ignored (POSIX), and Python then leaves it ignored: every SIGINT test would see the run finish.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         try:
             fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
             os.dup2(fd, 1), os.dup2(fd, 2)
