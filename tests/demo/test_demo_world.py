@@ -131,6 +131,30 @@ def _template_regex(template: str) -> re.Pattern:
     return re.compile(rf"^{body}\.?$", re.IGNORECASE)
 
 
+def test_filler_phrasings_add_words_the_captions_never_use_and_keep_the_attributes():
+    """The held-out set with filler words (issue 15): new words, capitals and punctuation around the same attributes."""
+    from mochi_preview.demo.evaluate_model import heldout_prompts
+
+    rng = np.random.default_rng(4)
+    attrs = W.combos("all", W.DIRECTIONS)
+    vocabulary = {w for i in range(2000) for w in WORD.findall(W.caption(rng, attrs[i % len(attrs)], "all").lower())}
+    cases = heldout_prompts(0, "filler")
+    assert len(cases) == len(W.HELDOUT_COMBOS) * len(W.FILLER_TEMPLATES) == 45
+    new = {w for p, _ in cases for w in WORD.findall(p.lower())} - vocabulary
+    assert {"screen", "slowly", "please", "show", "this"} <= new
+    for prompt, want in cases:  # each names its own colour, a word of its shape and its direction
+        words = prompt.lower()
+        assert want.colour in words and any(s in words for s in W.SHAPE_WORDS[want.shape]), prompt
+        assert W.SCREEN_DIRECTIONS[want.direction] in words or any(
+            d in words for d in W.DIRECTION_WORDS[want.direction]
+        )
+    shouted = [p for p, _ in cases if p.endswith("!")]
+    assert len(shouted) == len(W.HELDOUT_COMBOS) and all(p == p.upper() for p in shouted)
+    assert heldout_prompts(0, "filler") == cases and heldout_prompts(1, "filler") != cases  # the seed picks wordings
+    with pytest.raises(ValueError, match="prompts must be one of"):
+        heldout_prompts(0, "other")
+
+
 def test_heldout_phrasings_are_new_forms_of_known_words():
     rng = np.random.default_rng(4)
     attrs = W.combos("all", W.DIRECTIONS)

@@ -4,6 +4,7 @@ from .evaluate import Observation, adherence, classify_colour, observe
 from .world import (
     COLOURS,
     DIRECTIONS,
+    FILLER_TEMPLATES,
     HELDOUT_COMBOS,
     HELDOUT_TEMPLATES,
     MOVES,
@@ -23,6 +24,7 @@ from .world import (
 __all__ = [
     "COLOURS",
     "DIRECTIONS",
+    "FILLER_TEMPLATES",
     "HELDOUT_COMBOS",
     "HELDOUT_TEMPLATES",
     "MOVES",

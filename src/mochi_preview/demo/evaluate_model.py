@@ -18,16 +18,21 @@ import torch
 from .. import settings
 from ..pipeline import MochiPipeline
 from .evaluate import adherence
-from .world import HELDOUT_COMBOS, HELDOUT_TEMPLATES, Attributes, caption
+from .world import FILLER_TEMPLATES, HELDOUT_COMBOS, HELDOUT_TEMPLATES, Attributes, caption
+
+PROMPT_SETS = {"heldout": HELDOUT_TEMPLATES, "filler": FILLER_TEMPLATES}
 
 
-def heldout_prompts(seed: int = 0) -> list[tuple[str, Attributes]]:
-    """(prompt, intended attributes) for every held-out combination in every held-out sentence form."""
+def heldout_prompts(seed: int = 0, prompts: str = "heldout") -> list[tuple[str, Attributes]]:
+    """(prompt, intended attributes) for every held-out combination in every sentence form of a prompt set: the
+    held-out forms, or the held-out phrasings with filler words (`world.FILLER_TEMPLATES`)."""
+    if prompts not in PROMPT_SETS:
+        raise ValueError(f"prompts must be one of {sorted(PROMPT_SETS)}; got {prompts!r}")
     rng = np.random.default_rng(seed)
     return [
-        (caption(rng, Attributes(*combo), "heldout", template), Attributes(*combo))
+        (caption(rng, Attributes(*combo), prompts, template), Attributes(*combo))
         for combo in sorted(HELDOUT_COMBOS)
-        for template in HELDOUT_TEMPLATES
+        for template in PROMPT_SETS[prompts]
     ]
 
 
@@ -48,10 +53,10 @@ def generate(pipe: MochiPipeline, prompts: list[str], defaults: dict, seed: int 
     return np.concatenate(out)
 
 
-def evaluate(model_dir: Path, seed: int = 0) -> dict:
-    """Generate the 45 held-out prompts and score colour and direction (and shape, reported only)."""
+def evaluate(model_dir: Path, seed: int = 0, prompts: str = "heldout") -> dict:
+    """Generate a set's 45 held-out prompts and score colour and direction (and shape, reported only)."""
     pipe = MochiPipeline.from_pretrained(model_dir, torch_dtype=torch.float32, device="cpu")
-    cases = heldout_prompts(seed)
+    cases = heldout_prompts(seed, prompts)
     start = time.time()
     videos = generate(pipe, [p for p, _ in cases], model_defaults(model_dir), seed)
     scores = adherence(list(videos), [a for _, a in cases])
@@ -103,7 +108,9 @@ def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model_dir", type=Path, default=None, help="default: the demo model shipped in the package")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the prompts' wording and the generations' noise")
+    p.add_argument("--prompts", choices=sorted(PROMPT_SETS), default="heldout",
+                   help="held-out sentence forms, or held-out phrasings with filler words")  # fmt: skip
     p.add_argument("--markdown", type=Path, default=None, help="append the results section to this file")
     p.add_argument("--strip", type=Path, default=None, help="write a PNG strip of frames of a few prompts")
     args = p.parse_args(argv)
@@ -112,7 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
         from ..tiny import default_model_dir
 
         args.model_dir = default_model_dir()
-    result = evaluate(args.model_dir, args.seed)
+    result = evaluate(args.model_dir, args.seed, args.prompts)
     print(f"colour {result['colour']:.1%}  direction {result['direction']:.1%}  shape {result['shape']:.1%}  "
           f"all {result['all']:.1%}  ({result['n']} prompts, {result['seconds']:.1f} s)")  # fmt: skip
     for (prompt, want), seen in zip(result["cases"], result["observations"]):

@@ -197,6 +197,24 @@ HELDOUT_TEMPLATES = (
 )
 
 
+# Held-out phrasings with filler words no caption uses (the model must carry on past what it does not know), and
+# capitalisation and punctuation no caption has. {dir_screen}: the direction towards a side of the screen.
+FILLER_TEMPLATES = (
+    "{obj} {verbs} {dir_screen}",
+    "in this video {obj} {verbs} {dir}",
+    "{obj} {verbs} slowly {dir}",
+    "please show {obj} {verbing} {dir}",
+    "{OBJ} {VERBS} {DIR}!",
+)
+SCREEN_DIRECTIONS = {
+    "left": "to the left side of the screen",
+    "right": "to the right side of the screen",
+    "up": "up to the top of the screen",
+    "down": "down to the bottom of the screen",
+    "still": "in the middle of the screen",
+}
+
+
 def _ing(verb: str) -> str:
     """ "moves" -> "moving", "sits" -> "sitting", "stays" -> "staying"."""
     stem = verb[:-1]
@@ -208,10 +226,12 @@ def _ing(verb: str) -> str:
 
 
 def caption(rng: np.random.Generator, attrs: Attributes, phrasing: str = "train", template: str | None = None) -> str:
-    """A random English caption for `attrs` using the "train", "heldout" or "all" sentence forms (or `template`)."""
-    templates = {"train": TRAIN_TEMPLATES, "heldout": HELDOUT_TEMPLATES, "all": TRAIN_TEMPLATES + HELDOUT_TEMPLATES}
+    """A random English caption for `attrs` using the "train", "heldout", "filler" or "all" (train + heldout)
+    sentence forms (or `template`)."""
+    templates = {"train": TRAIN_TEMPLATES, "heldout": HELDOUT_TEMPLATES, "filler": FILLER_TEMPLATES,
+                 "all": TRAIN_TEMPLATES + HELDOUT_TEMPLATES}  # fmt: skip
     if phrasing not in templates:
-        raise ValueError(f"phrasing must be 'train', 'heldout' or 'all'; got {phrasing!r}")
+        raise ValueError(f"phrasing must be one of {sorted(templates)}; got {phrasing!r}")
     if template is None:
         template = templates[phrasing][rng.integers(len(templates[phrasing]))]
     pick = lambda options: options[rng.integers(len(options))]
@@ -219,7 +239,7 @@ def caption(rng: np.random.Generator, attrs: Attributes, phrasing: str = "train"
     shape = pick(SHAPE_WORDS[attrs.shape])
     noun = " ".join([*adjectives, shape])
     verb = pick(STILL_VERBS if attrs.direction == "still" else VERBS)
-    text = template.format(
+    slots = dict(
         obj=" ".join([pick(("a", "a", "the", "one")), *adjectives, attrs.colour, shape]),
         noun=noun,
         colour=attrs.colour,
@@ -228,11 +248,13 @@ def caption(rng: np.random.Generator, attrs: Attributes, phrasing: str = "train"
         verbing=_ing(verb),
         dir=pick(DIRECTION_WORDS[attrs.direction]),
         bg=pick(BACKGROUNDS),
+        dir_screen=SCREEN_DIRECTIONS[attrs.direction],
     )
-    text = re.sub(r"\ba (?=[aeiou])", "an ", text)  # "a orange" -> "an orange"
+    text = template.format(**slots, **{k.upper(): v.upper() for k, v in slots.items()})
+    text = re.sub(r"\b([aA]) (?=[aeiouAEIOU])", r"\1n ", text)  # "a orange" -> "an orange"
     if rng.random() < 0.5:
         text = text[0].upper() + text[1:]
-    return text + "." if rng.random() < 0.3 else text
+    return text + "." if rng.random() < 0.3 and not text.endswith("!") else text
 
 
 # ---------------------------------------------------------------------------------------------------------------
