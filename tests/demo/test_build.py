@@ -75,6 +75,7 @@ def test_vae_trains_in_one_stage_when_the_clips_are_no_larger_than_the_first_sta
         (["--latent_clips", "0"], "positive"),
         (["--dit_steps", "-1"], "at least 0"),
         (["--text_steps", "-2"], "at least 0"),
+        (["--caption_noise", "1.5"], "between 0 and 1"),
     ],
 )
 def test_bad_build_options_are_refused_before_anything_is_written(tmp_path, capsys, bad, message):
@@ -83,6 +84,29 @@ def test_bad_build_options_are_refused_before_anything_is_written(tmp_path, caps
         main(["--out", str(out), *bad])
     assert message in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_caption_noise_reaches_the_text_encoders_and_the_dits_captions_and_zero_changes_nothing():
+    """--caption_noise: the T5's training captions and the DiT cache's (and fresh) captions get filler words or
+    capitals; at 0 they are exactly those of a build without the option (the same random stream)."""
+    import numpy as np
+
+    from mochi_preview.demo.build import caption_labels, clip_batches
+    from mochi_preview.demo.world import TRAIN_ENDINGS, TRAIN_OPENINGS
+
+    def noisy_share(captions):
+        opening, ending = tuple(f"{o} " for o in TRAIN_OPENINGS), tuple(f" {e}" for e in TRAIN_ENDINGS)
+        return np.mean([c.isupper() or c.lower().startswith(opening) or c.endswith(ending) for c in captions])
+
+    plain, labels = caption_labels(np.random.default_rng(0), 200)
+    again, same = caption_labels(np.random.default_rng(0), 200, noise=0.0)
+    assert again == plain and torch.equal(same, labels) and noisy_share(plain) == 0
+    noisy, noisy_labels = caption_labels(np.random.default_rng(0), 200, noise=0.5)
+    assert torch.equal(noisy_labels, labels) and 0.35 < noisy_share(noisy) < 0.65  # the same clips' attributes
+    spec = DemoSpec(frames=7, size=16, latent_clips=64)
+    batches = lambda s: [c for _, captions in clip_batches(s, 64, seed=2) for c in captions]
+    assert batches(spec) == batches(replace(spec, caption_noise=0.0)) and noisy_share(batches(spec)) == 0
+    assert 0.8 < noisy_share(batches(replace(spec, caption_noise=1.0)))
 
 
 def test_a_work_folder_keeps_the_text_options_it_began_with(tmp_path, capsys):
@@ -94,3 +118,7 @@ def test_a_work_folder_keeps_the_text_options_it_began_with(tmp_path, capsys):
         main(["--out", str(tmp_path / "demo"), *TOY])  # the default is the pretrained text encoder
     assert "--work" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["demo.work", "text_options.json"]
+    (work / "text_options.json").write_text(json.dumps({"text_encoder": "pretrained", "tokenizer": "generic"}))
+    with pytest.raises(SystemExit):  # a folder begun without caption noise
+        main(["--out", str(tmp_path / "demo"), *TOY, "--caption_noise", "0.3"])
+    assert "'caption_noise': 0.0" in capsys.readouterr().err

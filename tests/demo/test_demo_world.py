@@ -155,6 +155,25 @@ def test_filler_phrasings_add_words_the_captions_never_use_and_keep_the_attribut
         heldout_prompts(0, "other")
 
 
+def test_training_caption_noise_uses_no_word_of_the_held_out_filler_phrasings():
+    from mochi_preview.demo.evaluate_model import heldout_prompts
+
+    rng = np.random.default_rng(5)
+    attrs = W.combos("train")
+    plain = [W.caption(rng, attrs[i % len(attrs)], "train") for i in range(300)]
+    assert [W.noisy_caption(rng, c, 0.0) for c in plain] == plain  # rate 0: untouched, and no draw
+    noisy = [W.noisy_caption(rng, c, 1.0) for c in plain]
+    kinds = [c.isupper() or c.split()[0] in {o.split()[0] for o in W.TRAIN_OPENINGS} or c.endswith(W.TRAIN_ENDINGS)
+             for c in noisy]  # fmt: skip
+    assert all(kinds) and sum(c.isupper() for c in noisy) > 60  # about a third of each kind
+    every = W.combos("all", W.DIRECTIONS)
+    known = [W.caption(rng, every[i % len(every)], "all") for i in range(2000)]
+    vocabulary = {w for t in known for w in WORD.findall(t.lower())}
+    filler_words = {w for p, _ in heldout_prompts(0, "filler") for w in WORD.findall(p.lower())} - vocabulary
+    noise_words = {w for t in noisy for w in WORD.findall(t.lower())} - vocabulary
+    assert noise_words and noise_words.isdisjoint(filler_words), noise_words & filler_words
+
+
 def test_heldout_phrasings_are_new_forms_of_known_words():
     rng = np.random.default_rng(4)
     attrs = W.combos("all", W.DIRECTIONS)

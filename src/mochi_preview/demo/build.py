@@ -25,6 +25,7 @@ import json
 import shutil
 import time
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +53,18 @@ from ..train import (
 from ..train.vae import edge_sharpness
 from ..vae import Decoder, Encoder
 from .evaluate import GHOST_FREE, adherence, ghost_level, one_object_share
-from .world import COLOURS, MOVES, SHAPES, WorldConfig, caption, combos, sample_batch, to_frames, to_model_range
+from .world import (
+    COLOURS,
+    MOVES,
+    SHAPES,
+    WorldConfig,
+    caption,
+    combos,
+    noisy_caption,
+    sample_batch,
+    to_frames,
+    to_model_range,
+)
 
 MODEL = CONFIGS["demo"]  # the networks' sizes; DemoSpec holds the clips and training sizes
 
@@ -78,6 +90,7 @@ class DemoSpec:
     # The first stage's objects: the same share of its smaller frames (False), or as many pixels across as in the
     # model's clips (True), the scale the VAE has to draw them at in the end.
     pretrain_keeps_pixels: bool = False
+    caption_noise: float = 0.0  # share of training captions with filler words or in capitals (world.noisy_caption)
 
     def world(self) -> WorldConfig:
         return WorldConfig(frames=self.frames, height=self.size, width=self.size, size_range=self.object_size)
@@ -126,27 +139,38 @@ def build_t5(folder: Path, spec: DemoSpec, tokenizer: str = "generic", seed: int
 
 
 def caption_labels(
-    rng: np.random.Generator, n: int, split: str = "train", phrasing: str = "train", capitalise: float = 0.15
+    rng: np.random.Generator,
+    n: int,
+    split: str = "train",
+    phrasing: str = "train",
+    capitalise: float = 0.15,
+    noise: float = 0.0,
 ) -> tuple[list[str], torch.Tensor]:
     """n captions of a split's combinations and sentence forms with their (colour, shape, direction) labels (n, 3).
 
     Each word is capitalised with probability `capitalise`: the tokenizer is case-sensitive and training captions
     only ever open with an article or "there", so without it "Downward, a red box glides" reads as a new word.
+    `noise`: the share of captions given filler words or capitals (`world.noisy_caption`).
     """
     pool = combos(split)
     attrs = [pool[i] for i in rng.integers(len(pool), size=n)]
     captions = [caption(rng, a, phrasing) for a in attrs]
     captions = [" ".join(w.capitalize() if rng.random() < capitalise else w for w in c.split(" ")) for c in captions]
+    captions = [noisy_caption(rng, c, noise) for c in captions]
     labels = [(list(COLOURS).index(a.colour), SHAPES.index(a.shape), MOVES.index(a.direction)) for a in attrs]
     return captions, torch.tensor(labels)
 
 
-def pretrain_t5(t5_init: Path, folder: Path, work: Path, cfg: TextTrainConfig, check: bool = True) -> None:
-    """Teach the random T5 in `t5_init` to name the attributes of training captions; write it to `folder`."""
+def pretrain_t5(
+    t5_init: Path, folder: Path, work: Path, cfg: TextTrainConfig, check: bool = True, noise: float = 0.0
+) -> None:
+    """Teach the random T5 in `t5_init` to name the attributes of training captions (`noise`: their share with
+    filler words or capitals); write it to `folder`."""
     if (folder / "model.safetensors").is_file():
         return
     text = TextEncoder.from_folder(t5_init)
-    trainer = TextTrainer(text, (len(COLOURS), len(SHAPES), len(MOVES)), caption_labels, cfg)
+    labels = partial(caption_labels, noise=noise)
+    trainer = TextTrainer(text, (len(COLOURS), len(SHAPES), len(MOVES)), labels, cfg)
     trainer.fit(checkpoint=work / "t5_train")
     if check:  # a check, not a selection: held-out combinations in held-out sentence forms, never trained on
         heldout = caption_labels(np.random.default_rng(1), 512, "heldout", "heldout", capitalise=0.0)
@@ -214,6 +238,7 @@ def clip_batches(spec: DemoSpec, n: int, seed: int, batch: int = 64, with_attrib
     rng = np.random.default_rng(seed)
     for i in range(0, n, batch):
         videos, captions, attrs = sample_batch(rng, min(batch, n - i), config=spec.world())
+        captions = [noisy_caption(rng, c, spec.caption_noise) for c in captions]
         yield (videos, captions, attrs) if with_attributes else (videos, captions)
 
 
@@ -223,7 +248,9 @@ def recaptioner(spec: DemoSpec, data: LatentData, seed: int):
     for a, text in zip(attrs, data.captions or []):  # the replay must give the cached clips
         if a.colour not in text.lower():
             raise ValueError(f"latent cache does not match its seed: {text!r} is not {a}; delete the cache")
-    return lambda indices, rng: [caption(rng, attrs[i], "train") for i in indices]
+    return lambda indices, rng: [
+        noisy_caption(rng, caption(rng, attrs[i], "train"), spec.caption_noise) for i in indices
+    ]
 
 
 def dit_model(spec: DemoSpec, seed: int = 0) -> AsymmDiT:
@@ -303,6 +330,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--checkpoint_every", type=int, default=0, help="steps between checkpoints (0: T5 200, VAE 100, DiT 250)"
     )
+    p.add_argument("--caption_noise", type=float, default=0.0,
+                   help="share of training captions with filler words or in capitals (0: none)")  # fmt: skip
     p.add_argument(
         "--skip_eval", action="store_true", help="no checks (T5 on held-out captions, VAE reconstructions, adherence)"
     )
@@ -335,6 +364,8 @@ def main(argv: list[str] | None = None) -> None:
         at_least_0 = name.endswith("steps") or name in ("seed", "checkpoint_every")
         if getattr(args, name) < (0 if at_least_0 else 1):
             p.error(f"--{name} {getattr(args, name)}: must be {'at least 0' if at_least_0 else 'positive'}")
+    if not 0.0 <= args.caption_noise <= 1.0:
+        p.error(f"--caption_noise {args.caption_noise}: must be between 0 and 1")
     torch.set_num_threads(args.threads)
     spec = DemoSpec(
         frames=args.frames,
@@ -346,13 +377,16 @@ def main(argv: list[str] | None = None) -> None:
         vae_channels=tuple(args.vae_channels),
         vae_blocks=tuple(args.vae_blocks),
         pretrain_keeps_pixels=args.vae_pretrain_pixels,
+        caption_noise=args.caption_noise,
     )
     out, work = args.out, args.work or args.out.with_name(args.out.name + ".work")
     # The latent cache holds one text encoder's features, the checkpoints one seed's run: a work folder stays with
-    # the options it began with (folders from before --seed were built with seed 0).
-    text_options = {"text_encoder": args.text_encoder, "tokenizer": args.tokenizer, "seed": args.seed}
+    # the options it began with (folders from before --seed / --caption_noise: seed 0, no noise).
+    text_options = {"text_encoder": args.text_encoder, "tokenizer": args.tokenizer, "seed": args.seed,
+                    "caption_noise": args.caption_noise}  # fmt: skip
     record = work / "text_options.json"
-    if record.is_file() and (before := {"seed": 0, **json.loads(record.read_text())}) != text_options:
+    before = {"seed": 0, "caption_noise": 0.0, **json.loads(record.read_text())} if record.is_file() else text_options
+    if before != text_options:
         p.error(f"{work} was built with {before}, not {text_options}: give another --work or the same options")
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
@@ -370,7 +404,7 @@ def main(argv: list[str] | None = None) -> None:
         text_cfg = TextTrainConfig(
             steps=args.text_steps, threads=args.threads, checkpoint_every=every(200), seed=args.seed
         )
-        pretrain_t5(t5_init, t5_files, work, text_cfg, check=not args.skip_eval)
+        pretrain_t5(t5_init, t5_files, work, text_cfg, check=not args.skip_eval, noise=args.caption_noise)
     text = TextEncoder.from_folder(t5_files)
 
     log("2/5 VAE")

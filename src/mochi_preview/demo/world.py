@@ -215,6 +215,26 @@ SCREEN_DIRECTIONS = {
 }
 
 
+# Training-caption noise (the build's --caption_noise): filler words of its own, none of the held-out filler
+# phrasings' words, and whole captions in capitals, so that the model learns to read past what does not matter.
+TRAIN_OPENINGS = ("here", "now", "we see", "look,", "watch as")
+TRAIN_ENDINGS = ("here", "now", "in the clip", "across the frame", "steadily")
+
+
+def noisy_caption(rng: np.random.Generator, text: str, rate: float) -> str:
+    """With probability `rate`, `text` with a filler opening, a filler ending or in capitals (an even pick);
+    unchanged otherwise. No random number is drawn when `rate` is 0 (captions as before, stream unchanged)."""
+    if rate <= 0 or rng.random() >= rate:
+        return text
+    kind, pick = rng.integers(3), lambda options: options[rng.integers(len(options))]
+    body = text.rstrip(".")
+    if kind == 0:
+        return f"{pick(TRAIN_OPENINGS)} {body[0].lower() + body[1:]}"
+    if kind == 1:
+        return f"{body} {pick(TRAIN_ENDINGS)}"
+    return text.upper()
+
+
 def _ing(verb: str) -> str:
     """ "moves" -> "moving", "sits" -> "sitting", "stays" -> "staying"."""
     stem = verb[:-1]
