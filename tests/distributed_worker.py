@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import multiprocessing
 import os
+import socket
 import sys
 import time
+import traceback
+from pathlib import Path
 from unittest import mock
 
 import torch
@@ -37,6 +41,54 @@ DECODERS = {
     "plain": DecoderConfig(channels=(32, 32, 32, 32), num_res_blocks=(1, 1, 1, 1, 1)),
     "attention": DecoderConfig(channels=(32, 32, 32, 32), num_res_blocks=(1, 1, 1, 1, 1), has_attention=(True,) * 5),
 }
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def forked_ranks(body, folder: Path, n: int = 2, timeout: float = 300.0) -> list:
+    """`body(rank)` in n forked ranks of a gloo group (torchrun's environment, one thread each, output to
+    folder/rank{r}.log) -> every rank's return value. A rank that fails or outlives `timeout` fails the caller
+    with every rank's log. Forked, not spawned: importing torch anew in each rank would take longer than the test."""
+    port, out = free_port(), folder / "ranks.pt"
+    fork = multiprocessing.get_context("fork")
+    procs = [fork.Process(target=_forked_rank, args=(body, r, n, port, out, folder / f"rank{r}.log")) for r in range(n)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+        if p.is_alive():
+            p.kill()
+            p.join()
+    logs = "\n".join((folder / f"rank{r}.log").read_text() for r in range(n))
+    assert [p.exitcode for p in procs] == [0] * n, logs
+    return torch.load(out)
+
+
+def _forked_rank(body, rank: int, n: int, port: int, out: Path, log: Path) -> None:
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(fd, 1), os.dup2(fd, 2)
+    sys.stdout = sys.stderr = os.fdopen(os.dup(1), "w", buffering=1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(n), RANK=str(rank))
+    os.environ["LOCAL_RANK"] = str(rank)
+    code = 0
+    try:
+        torch.set_num_threads(1)
+        init_distributed(timeout=60, device="cpu")
+        ranks = [None] * n
+        dist.all_gather_object(ranks, body(rank))
+        if rank == 0:
+            torch.save(ranks, out)
+        dist.destroy_process_group()
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    os._exit(code)  # never back into pytest
 
 
 def make_dit() -> AsymmDiT:

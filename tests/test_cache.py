@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-import multiprocessing
-import os
-import socket
-import sys
-import traceback
 from pathlib import Path
 from unittest import mock
 
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 from einops import rearrange
 
 from mochi_preview import cache
@@ -27,7 +21,7 @@ from mochi_preview.cache import (
     teacache_rescale,
 )
 from mochi_preview.configs import dit_config
-from mochi_preview.distributed import CFGParallelDiT, ContextParallel, init_distributed, shard_dit
+from mochi_preview.distributed import CFGParallelDiT, ContextParallel, shard_dit
 from mochi_preview.dit.layers import modulated_rms_norm
 from mochi_preview.dit.model import AsymmDiT, init_weights
 from mochi_preview.sampling import DiTCall, TextCondition, denoise, linear_quadratic_schedule
@@ -258,50 +252,16 @@ def cp_rank_cases(model: Path) -> dict:
     return out
 
 
-def _cp_rank(rank: int, port: int, out: Path, log: Path, model: Path) -> None:
-    """A forked rank with torchrun's environment: every rank's cases gathered and saved by rank 0."""
-    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-    os.dup2(fd, 1), os.dup2(fd, 2)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2")
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank))
-    code = 0
-    try:
-        torch.set_num_threads(1)
-        init_distributed(timeout=60, device="cpu")
-        ranks = [None, None]
-        dist.all_gather_object(ranks, cp_rank_cases(model))
-        if rank == 0:
-            torch.save(ranks, out)
-        dist.destroy_process_group()
-    except BaseException:
-        traceback.print_exc()
-        code = 1
-    sys.stderr.flush()
-    os._exit(code)
-
-
 @pytest.fixture(scope="module")
 def cp_ranks(tmp_path_factory) -> dict:
     """Both ranks' cases (one launch of 2 forked ranks) and the model folder of the pipeline cases."""
+    from distributed_worker import forked_ranks
+
     from mochi_preview.tiny import save_random_model
 
     folder = tmp_path_factory.mktemp("cache_cp")
     model = save_random_model(folder / "model")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    fork = multiprocessing.get_context("fork")
-    args = lambda r: (r, port, folder / "out.pt", folder / f"rank{r}.log", model)  # noqa: E731
-    procs = [fork.Process(target=_cp_rank, args=args(r)) for r in (0, 1)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=300)
-        if p.is_alive():
-            p.kill()
-    logs = "\n".join((folder / f"rank{r}.log").read_text() for r in (0, 1))
-    assert [p.exitcode for p in procs] == [0, 0], logs
-    return dict(ranks=torch.load(folder / "out.pt"), model=model)
+    return dict(ranks=forked_ranks(lambda rank: cp_rank_cases(model), folder), model=model)
 
 
 @pytest.fixture(scope="module")

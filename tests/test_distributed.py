@@ -12,7 +12,6 @@ import json
 import multiprocessing
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -30,6 +29,7 @@ from distributed_worker import (
     TILED,
     conditioned,
     fp8_live,
+    free_port,
     load_pipeline,
     make_decoder,
     make_dit,
@@ -53,12 +53,6 @@ from mochi_preview.vae.decode import DEFAULT_BUDGET_FRACTION
 from mochi_preview.video import read_video
 
 RTOL = 1e-5
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank(rank: int, n: int, port: int, out: Path, log: Path, scenarios: tuple[str, ...]) -> None:

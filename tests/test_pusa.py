@@ -4,14 +4,6 @@ Pusa model folder is found and loads."""
 
 from __future__ import annotations
 
-import multiprocessing
-import os
-import socket
-import sys
-import time
-import traceback
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -111,56 +103,25 @@ def test_frame_sigma_shape_errors_name_the_valid_shapes(model):
         model(latents, torch.zeros(2, 4), feats, mask)
 
 
-def _cp_rank(rank: int, port: int, out: Path, log: Path) -> None:
-    """A forked rank of a 2-process gloo group running the per-frame forward with its share of the tokens."""
-    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-    os.dup2(fd, 1), os.dup2(fd, 2)
-    sys.stdout = sys.stderr = os.fdopen(os.dup(1), "w", buffering=1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank))
-    os.environ["LOCAL_RANK"] = str(rank)
-    code = 0
-    try:
-        import torch.distributed as dist
+def _cp_velocity(rank: int) -> torch.Tensor:
+    """One rank of a 2-process gloo group: the per-frame forward with its share of the tokens."""
+    from mochi_preview.distributed import ContextParallel, SequenceParallel
 
-        from mochi_preview.distributed import ContextParallel, SequenceParallel, init_distributed
-
-        torch.set_num_threads(1)
-        init_distributed(timeout=60, device="cpu")
-        cp = ContextParallel(cfg_parallel=False, device="cpu")
-        dit = make_model().set_token_layout(cp.token_layout())
-        assert isinstance(dit.token_layout, SequenceParallel)
-        with torch.no_grad():
-            v = dit(*make_inputs()[:1], SIGMA, *make_inputs()[1:])
-        if rank == 0:
-            torch.save(v, out)
-        dist.destroy_process_group()
-    except BaseException:
-        traceback.print_exc()
-        code = 1
-    sys.stdout.flush()
-    os._exit(code)
+    cp = ContextParallel(cfg_parallel=False, device="cpu")
+    dit = make_model().set_token_layout(cp.token_layout())
+    assert isinstance(dit.token_layout, SequenceParallel)
+    with torch.no_grad():
+        return dit(*make_inputs()[:1], SIGMA, *make_inputs()[1:])
 
 
 def test_per_frame_path_under_context_parallelism(model, tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out, logs = tmp_path / "v.pt", [tmp_path / f"rank{r}.log" for r in range(2)]
-    fork = multiprocessing.get_context("fork")
-    procs = [fork.Process(target=_cp_rank, args=(r, port, out, logs[r])) for r in range(2)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + 60
-    for p in procs:
-        p.join(max(0.0, deadline - time.monotonic()))
-        if p.is_alive():
-            p.kill()
-            p.join()
-    assert [p.exitcode for p in procs] == [0, 0], "\n".join(log.read_text() for log in logs)
+    from distributed_worker import forked_ranks
+
+    got = forked_ranks(_cp_velocity, tmp_path, timeout=60)[0]
     latents, feats, mask = make_inputs()
     with torch.no_grad():
         expected = model(latents, SIGMA, feats, mask)
-    torch.testing.assert_close(torch.load(out), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
 # ---- the sampler ---------------------------------------------------------------------------------------------
