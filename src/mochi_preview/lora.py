@@ -69,6 +69,10 @@ DIFFUSERS_BLOCK = {
     "norm1_context.linear_1": ("mod_y", None),  # the last block's
 }
 DIFFUSERS_TOP = {"proj_out": ("final_layer.linear", None), "norm_out.linear": ("final_layer.mod", "swap")}
+# The writer's view of both tables: native module -> [(diffusers module, row block or transform)]
+TO_DIFFUSERS: dict[str, list[tuple[str, object]]] = {}
+for _diff, (_native, _how) in [*DIFFUSERS_BLOCK.items(), *DIFFUSERS_TOP.items()]:
+    TO_DIFFUSERS.setdefault(_native, []).append((_diff, _how))
 
 
 class LoraError(ValueError):
@@ -576,13 +580,10 @@ def save_lora_diffusers(
     target_modules): every layer `DIFFUSERS_BLOCK` / `DIFFUSERS_TOP` name (q, k, v share A, B split by rows; B's row
     halves swapped where diffusers orders them the other way). `last_block`: the DiT's last block, whose `mod_y`
     diffusers calls `norm1_context.linear_1` (needed only when `mod_y` is among the layers)."""
-    inverse: dict[str, list[tuple[str, object]]] = {}
-    for diff, (native, how) in [*DIFFUSERS_BLOCK.items(), *DIFFUSERS_TOP.items()]:
-        inverse.setdefault(native, []).append((diff, how))
     tensors, targets = {}, set()
     for name, (A, B) in layers.items():
         m = re.fullmatch(r"blocks\.(\d+)\.(.+)", name)
-        pieces = inverse.get(m.group(2) if m else name, [])
+        pieces = TO_DIFFUSERS.get(m.group(2) if m else name, [])
         if m and m.group(2) == "mod_y":
             if last_block is None:
                 raise ValueError(
@@ -592,7 +593,7 @@ def save_lora_diffusers(
             pieces = [(d, how) for d, how in pieces if d.endswith("linear_1") == last]
         if not pieces:
             raise ValueError(
-                f"no diffusers name for the LoRA layer {name!r}; known: {sorted(inverse)} (under blocks.i)"
+                f"no diffusers name for the LoRA layer {name!r}; known: {sorted(TO_DIFFUSERS)} (under blocks.i)"
             )
         for diff, how in pieces:
             if isinstance(how, int):  # one of q, k, v: its row block of the fused projection

@@ -221,17 +221,20 @@ TRAIN_OPENINGS = ("here", "now", "we see", "look,", "watch as")
 TRAIN_ENDINGS = ("here", "now", "in the clip", "across the frame", "steadily")
 
 
+def _pick(rng: np.random.Generator, options: tuple):
+    return options[rng.integers(len(options))]
+
+
 def noisy_caption(rng: np.random.Generator, text: str, rate: float) -> str:
     """With probability `rate`, `text` with a filler opening, a filler ending or in capitals (an even pick);
     unchanged otherwise. No random number is drawn when `rate` is 0 (captions as before, stream unchanged)."""
     if rate <= 0 or rng.random() >= rate:
         return text
-    kind, pick = rng.integers(3), lambda options: options[rng.integers(len(options))]
-    body = text.rstrip(".")
+    kind, body = rng.integers(3), text.rstrip(".")
     if kind == 0:
-        return f"{pick(TRAIN_OPENINGS)} {body[0].lower() + body[1:]}"
+        return f"{_pick(rng, TRAIN_OPENINGS)} {body[0].lower() + body[1:]}"
     if kind == 1:
-        return f"{body} {pick(TRAIN_ENDINGS)}"
+        return f"{body} {_pick(rng, TRAIN_ENDINGS)}"
     return text.upper()
 
 
@@ -254,7 +257,7 @@ def caption(rng: np.random.Generator, attrs: Attributes, phrasing: str = "train"
         raise ValueError(f"phrasing must be one of {sorted(templates)}; got {phrasing!r}")
     if template is None:
         template = templates[phrasing][rng.integers(len(templates[phrasing]))]
-    pick = lambda options: options[rng.integers(len(options))]
+    pick = lambda options: _pick(rng, options)
     adjectives = [a for a in ADJECTIVES if rng.random() < 0.2]
     shape = pick(SHAPE_WORDS[attrs.shape])
     noun = " ".join([*adjectives, shape])
