@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from mochi_preview import MochiPipeline
 from mochi_preview.demo.build import DemoSpec, main, train_vae
 from mochi_preview.train import VAETrainConfig
+from mochi_preview.verify import check_hashes, manifest_of, read_manifest
 
 TOY = ["--size", "16", "--frames", "13", "--vae_pretrain_size", "8", "--vae_pretrain_frames", "7"]
 
@@ -33,6 +34,9 @@ def test_build_writes_a_model_the_pipeline_loads_and_resumes_to_the_same_files(t
     assert (out / "t5" / "spiece.model").read_bytes() == (work / "t5_init" / "spiece.model").read_bytes()
     defaults = json.loads((out / "mochi_defaults.json").read_text())
     assert (defaults["width"], defaults["height"], defaults["num_frames"]) == (16, 16, 13)
+    # The folder comes with its manifest (what is shipped is exactly what the build writes) and verifies.
+    assert read_manifest(out) == manifest_of(out) and "t5/spiece.model" in read_manifest(out)
+    check_hashes(out)
     files = ["dit.safetensors", "decoder.safetensors", "t5/model.safetensors"]
     first = {name: (out / name).read_bytes() for name in files}
 

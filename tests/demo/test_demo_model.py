@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
 from mochi_preview import MochiPipeline
 from mochi_preview.demo.evaluate import adherence
-from mochi_preview.demo.evaluate_model import generate, heldout_prompts, model_defaults
+from mochi_preview.demo.evaluate_model import clean_scores, generate, heldout_prompts, model_defaults
 from mochi_preview.tiny import DEMO_MODEL_DIR, default_model_dir, demo_model_dir
+
+DEFAULTS = model_defaults(DEMO_MODEL_DIR)
 
 
 def test_the_shipped_demo_model_is_the_default(capsys):
@@ -18,32 +21,43 @@ def test_the_shipped_demo_model_is_the_default(capsys):
     assert default_model_dir() == DEMO_MODEL_DIR
     assert "RANDOM" not in capsys.readouterr().err  # the random-model warning is for the fallback only
     files = [p for p in DEMO_MODEL_DIR.rglob("*") if p.is_file()]
-    assert sum(p.stat().st_size for p in files) <= 16 * 2**20
+    assert sum(p.stat().st_size for p in files) <= 40 * 2**20  # issue 15's limit
     stats = json.loads((DEMO_MODEL_DIR / "latent_stats.json").read_text())
     assert len(stats["mean"]) == len(stats["std"]) == 12
 
 
+# Each held-out set: its 45 prompts in 3 wordings (seeds 0, 1, 2), 135 clips. Chance is 1/7 for colour, 1/4 for
+# direction, 1/3 for shape. One object: exactly one object region in >= 95% of a clip's frames; ghost-free:
+# ghost_level <= GHOST_FREE (both in demo/evaluate.py). The floors sit a few clips under what the shipped model
+# measured (bench/RESULTS.md, "Demo model rebuild", 6th session); issue 15's targets (colour 97%, direction 95%,
+# shape 90%, one object 95%, ghost-free 95%) wait for the rebuilt model.
+FLOOR = {
+    "heldout": {"colour": 0.97, "direction": 0.93, "shape": 0.35, "one_object": 0.68, "ghost_free": 0.50},
+    "filler": {"colour": 0.65, "direction": 0.80, "shape": 0.35, "one_object": 0.65, "ghost_free": 0.50},
+}
+SEEDS = (0, 1, 2)
+
+
 @pytest.fixture(scope="module")
-def held_out_scores():
-    """Adherence of the shipped model on the 45 evaluation prompts: every held-out combination in every held-out
-    sentence form (the issue's figure: at least 40 such prompts, 90% colour and 90% direction)."""
+def pipe():
     torch.set_num_threads(2)
     pipe = MochiPipeline.from_pretrained(DEMO_MODEL_DIR, torch_dtype=torch.float32, device="cpu")
     assert pipe.latent_stats is not None  # the demo VAE's own normalization, not the published one
-    cases = heldout_prompts()
-    assert len(cases) >= 40
-    videos = generate(pipe, [p for p, _ in cases], model_defaults(DEMO_MODEL_DIR))
-    scores = adherence(list(videos), [a for _, a in cases])
-    return scores | {"seen": [(p, o.colour, o.direction) for (p, _), o in zip(cases, scores["observations"])]}
+    return pipe
 
 
-def test_demo_model_follows_held_out_prompts_in_colour(held_out_scores):
-    assert held_out_scores["colour"] >= 0.9, held_out_scores["seen"]
-
-
-def test_demo_model_follows_held_out_prompts_in_direction(held_out_scores):
-    # Chance is 1/4; the shipped model gets 95.6% (bench/RESULTS.md, Demo model); with a random T5, 22% at this size.
-    assert held_out_scores["direction"] >= 0.9, held_out_scores["seen"]
+@pytest.mark.parametrize("prompts", ["heldout", "filler"])
+def test_demo_model_follows_held_out_prompts(pipe, prompts):
+    """Held-out colour x shape x direction combinations in held-out sentence forms ("heldout") and in phrasings with
+    filler words, capitals and punctuation ("filler"): colour, direction, shape, one clean object."""
+    cases = [case for seed in SEEDS for case in heldout_prompts(seed, prompts)]
+    assert len(cases) == 135
+    videos = np.concatenate([generate(pipe, [p for p, _ in heldout_prompts(seed, prompts)], DEFAULTS, seed)
+                             for seed in SEEDS])  # fmt: skip
+    scores = adherence(list(videos), [a for _, a in cases]) | clean_scores(videos)
+    seen = [(p, o.colour, o.shape, o.direction) for (p, _), o in zip(cases, scores["observations"])]
+    low = {k: round(scores[k], 3) for k, floor in FLOOR[prompts].items() if scores[k] < floor}
+    assert not low, (low, seen)
 
 
 def test_cli_without_model_dir_uses_the_demo_model(tmp_path, capsys):

@@ -70,3 +70,21 @@ def test_clean_renders_are_free_of_ghosts_and_a_faint_copy_is_not():
 def test_object_count_rejects_a_clip():
     with pytest.raises(ValueError, match=r"\(H, W, 3\)"):
         E.object_count(np.zeros((4, 8, 8, 3), np.uint8))
+
+
+def test_edge_width_measures_the_outline_ramp():
+    # A bright vertical band (a third of the frame) whose sides ramp linearly over w pixels: edge_width gives w.
+    for w in (4, 6, 8):
+        x = np.arange(48)
+        ramp = np.clip(np.minimum((x - 8) / w, (32 - x) / w), 0, 1)  # (W,) up over w pixels at 8, down at 32
+        frame = np.broadcast_to(ramp[None, :, None], (48, 48, 3)) * 0.9
+        assert E.edge_width(frame[None]) == pytest.approx(w, rel=0.15)
+    # Rendered clips are crisp; the same clips blurred (5-tap binomial, sigma 1) are not, and no object gives NaN.
+    attrs = [W.Attributes(c, s, "left") for c in W.COLOURS for s in W.SHAPES]
+    clips = [v.permute(1, 2, 3, 0).numpy().astype(np.float32) / 255 for v in _rendered(2, attrs)]
+    tap = np.array([1, 4, 6, 4, 1]) / 16
+    blur = lambda x, axis: sum(t * np.roll(x, k - 2, axis=axis) for k, t in enumerate(tap))
+    for f in clips:
+        assert E.edge_width(f) < 2.1
+        assert E.edge_width(blur(blur(f, 1), 2)) > 2.9
+    assert np.isnan(E.edge_width(np.full((3, 16, 16, 3), 0.2)))

@@ -52,6 +52,7 @@ from ..train import (
 )
 from ..train.vae import edge_sharpness
 from ..vae import Decoder, Encoder
+from ..verify import manifest_of, write_manifest
 from .evaluate import GHOST_FREE, adherence, ghost_level, one_object_share
 from .world import (
     COLOURS,
@@ -279,6 +280,7 @@ def export(out: Path, dit: AsymmDiT, t5, t5_files: Path, encoder, decoder, mean,
     )
     for name, value in [("latent_stats.json", stats), ("mochi_defaults.json", defaults)]:
         write_atomic(out / name, lambda f, v=value: f.write_text(json.dumps(v, indent=1) + "\n"), replace=True)
+    write_manifest(out, manifest_of(out))  # what `python -m mochi_preview.verify` checks the folder against
 
 
 def main(argv: list[str] | None = None) -> None:

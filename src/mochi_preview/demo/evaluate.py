@@ -6,7 +6,8 @@ over the clip, its shape the fill ratio of its bounding box (circle pi/4, square
 `hues=ALL_HUES` the colours include the new ones of `world.NEW_COLOURS` (lime, the LoRA proof's concept).
 
 One clean object: `object_count` / `one_object_share` count connected regions that differ clearly from the
-background, `ghost_level` the faint colour outside the main one (thresholds measured below).
+background, `ghost_level` the faint colour outside the main one (thresholds measured below). Crisp frames:
+`edge_width`, how many pixels the object's outline takes to rise from the background to the object's colour.
 """
 
 from __future__ import annotations
@@ -221,3 +222,22 @@ def ghost_level(frames, floor: float = GHOST_CONTRAST, halo: int = GHOST_HALO) -
     body = np.where(main, c, 0.0).sum(axis=(1, 2))
     empty = (c > floor).any(axis=(1, 2)).astype(float)
     return float(np.mean(np.where(body > 0, ghost / np.maximum(body, 1e-12), empty)))
+
+
+# ---- crisp edges -----------------------------------------------------------------------------------------------
+def edge_width(frames) -> float:
+    """Pixels an object's outline takes to rise from background to full contrast, the median over a clip's frames
+    (no reference needed): in each frame, the peak contrast over the mean slope (gradient length of the contrast map)
+    where the contrast lies between a quarter and three quarters of its peak. A linear ramp over w pixels gives w.
+    Central differences spread even a sharp step over two pixels: the demo world's anti-aliased renders give 1.6-2.0,
+    the same renders blurred by a 5-tap binomial (sigma 1) 3.2-3.6. NaN when no frame shows an object."""
+    c = contrast(frames)  # (T, H, W)
+    gy, gx = np.gradient(c, axis=(1, 2))
+    slope = np.hypot(gx, gy)
+    widths = []
+    for frame, s in zip(c, slope):
+        peak = frame.max()
+        band = (frame > 0.25 * peak) & (frame < 0.75 * peak)
+        if peak > OBJECT_CONTRAST and band.any():
+            widths.append(peak / max(float(s[band].mean()), 1e-6))
+    return float(np.median(widths)) if widths else float("nan")

@@ -17,7 +17,7 @@ import torch
 
 from .. import settings
 from ..pipeline import MochiPipeline
-from .evaluate import adherence
+from .evaluate import GHOST_FREE, adherence, edge_width, ghost_level, one_object_share
 from .world import FILLER_TEMPLATES, HELDOUT_COMBOS, HELDOUT_TEMPLATES, Attributes, caption
 
 PROMPT_SETS = {"heldout": HELDOUT_TEMPLATES, "filler": FILLER_TEMPLATES}
@@ -54,13 +54,24 @@ def generate(pipe: MochiPipeline, prompts: list[str], defaults: dict, seed: int 
 
 
 def evaluate(model_dir: Path, seed: int = 0, prompts: str = "heldout") -> dict:
-    """Generate a set's 45 held-out prompts and score colour and direction (and shape, reported only)."""
+    """Generate a set's 45 held-out prompts; score colour, direction and shape, the share of clips with one object in
+    at least 95% of frames and of clips free of ghosts, and the median edge width in pixels."""
     pipe = MochiPipeline.from_pretrained(model_dir, torch_dtype=torch.float32, device="cpu")
     cases = heldout_prompts(seed, prompts)
     start = time.time()
     videos = generate(pipe, [p for p, _ in cases], model_defaults(model_dir), seed)
     scores = adherence(list(videos), [a for _, a in cases])
+    scores |= clean_scores(videos)
     return {"cases": cases, "videos": videos, "seconds": time.time() - start, **scores}
+
+
+def clean_scores(videos) -> dict:
+    """Shares of clips with one object in >= 95% of frames and free of ghosts; median edge width (pixels)."""
+    return {
+        "one_object": float(np.mean([one_object_share(v) >= 0.95 for v in videos])),
+        "ghost_free": float(np.mean([ghost_level(v) <= GHOST_FREE for v in videos])),
+        "edge_width": float(np.nanmedian([edge_width(v) for v in videos])),
+    }
 
 
 def markdown(result: dict, model_dir: Path) -> str:
@@ -76,9 +87,10 @@ def markdown(result: dict, model_dir: Path) -> str:
         "",
         textwrap.fill(intro, 120, break_on_hyphens=False),
         "",
-        "| colour | direction | shape | all three |",
-        "|---|---|---|---|",
-        f"| {result['colour']:.1%} | {result['direction']:.1%} | {result['shape']:.1%} | {result['all']:.1%} |",
+        "| colour | direction | shape | all three | one object | ghost-free | edge width (px) |",
+        "|---|---|---|---|---|---|---|",
+        f"| {result['colour']:.1%} | {result['direction']:.1%} | {result['shape']:.1%} | {result['all']:.1%} "
+        f"| {result['one_object']:.1%} | {result['ghost_free']:.1%} | {result['edge_width']:.2f} |",
         "",
         "| prompt | wanted (colour, shape, direction) | seen |",
         "|---|---|---|",
@@ -121,10 +133,11 @@ def main(argv: list[str] | None = None) -> dict:
         args.model_dir = default_model_dir()
     result = evaluate(args.model_dir, args.seed, args.prompts)
     print(f"colour {result['colour']:.1%}  direction {result['direction']:.1%}  shape {result['shape']:.1%}  "
-          f"all {result['all']:.1%}  ({result['n']} prompts, {result['seconds']:.1f} s)")  # fmt: skip
+          f"all {result['all']:.1%}  one object {result['one_object']:.1%}  ghost-free {result['ghost_free']:.1%}  "
+          f"edge width {result['edge_width']:.2f} px  ({result['n']} prompts, {result['seconds']:.1f} s)")  # fmt: skip
     for (prompt, want), seen in zip(result["cases"], result["observations"]):
-        ok = "ok " if (seen.colour, seen.direction) == (want.colour, want.direction) else "MISS"
-        print(f"{ok} {prompt!r}: wanted {want.colour}/{want.direction}, saw {seen.colour}/{seen.direction}")
+        wanted, saw = (want.colour, want.shape, want.direction), (seen.colour, seen.shape, seen.direction)
+        print(f"{'ok  ' if wanted == saw else 'MISS'} {prompt!r}: wanted {'/'.join(wanted)}, saw {'/'.join(saw)}")
     if args.markdown:
         with open(args.markdown, "a") as f:
             f.write("\n" + markdown(result, args.model_dir))
