@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from mochi_preview import MochiPipeline
-from mochi_preview.demo.evaluate import adherence
-from mochi_preview.demo.evaluate_model import clean_scores, generate, heldout_prompts, model_defaults
+from mochi_preview.demo.evaluate import adherence, clean_scores
+from mochi_preview.demo.evaluate_model import generate, heldout_prompts, model_defaults
 from mochi_preview.tiny import DEMO_MODEL_DIR, default_model_dir, demo_model_dir
 
 DEFAULTS = model_defaults(DEMO_MODEL_DIR)

@@ -53,7 +53,7 @@ from ..train import (
 from ..train.vae import edge_sharpness
 from ..vae import Decoder, Encoder
 from ..verify import manifest_of, write_manifest
-from .evaluate import GHOST_FREE, adherence, ghost_level, one_object_share
+from .evaluate import adherence, clean_scores
 from .world import (
     COLOURS,
     MOVES,
@@ -199,13 +199,12 @@ def vae_models(spec: DemoSpec, seed: int = 0) -> tuple[Encoder, Decoder]:
 
 def reconstruction_scores(recon: torch.Tensor, videos: torch.Tensor, attrs: list) -> dict:
     """Reconstructions (B, 3, T, H, W) in [-1, 1] of uint8 `videos` as the evaluator sees them (colour, shape,
-    direction; shares of clips with one object in >= 95% of frames and free of ghosts), their PSNR and edge
-    sharpness (1: as crisp as the rendered clips)."""
+    direction; `clean_scores`: one object, ghost-free, edge width in pixels), their PSNR and edge sharpness (1: as
+    crisp as the rendered clips)."""
     frames = [to_frames(v) for v in recon]
     scores = {k: v for k, v in adherence(frames, attrs).items() if k != "observations"}
     truth = to_model_range(videos)
-    scores["one_object"] = float(np.mean([one_object_share(f) >= 0.95 for f in frames]))
-    scores["ghost_free"] = float(np.mean([ghost_level(f) <= GHOST_FREE for f in frames]))
+    scores |= clean_scores(frames)
     scores["psnr"] = float(10 * torch.log10(4.0 / (recon - truth).pow(2).mean()))  # the signal spans [-1, 1]
     return scores | {"edge": edge_sharpness(recon, truth)}
 

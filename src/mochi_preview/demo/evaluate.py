@@ -241,3 +241,12 @@ def edge_width(frames) -> float:
         if peak > OBJECT_CONTRAST and band.any():
             widths.append(peak / max(float(s[band].mean()), 1e-6))
     return float(np.median(widths)) if widths else float("nan")
+
+
+def clean_scores(clips) -> dict:
+    """Shares of clips with one object in >= 95% of frames and free of ghosts; their median edge width (pixels)."""
+    return {
+        "one_object": float(np.mean([one_object_share(c) >= 0.95 for c in clips])),
+        "ghost_free": float(np.mean([ghost_level(c) <= GHOST_FREE for c in clips])),
+        "edge_width": float(np.nanmedian([edge_width(c) for c in clips])),
+    }

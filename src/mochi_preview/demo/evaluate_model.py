@@ -17,7 +17,7 @@ import torch
 
 from .. import settings
 from ..pipeline import MochiPipeline
-from .evaluate import GHOST_FREE, adherence, edge_width, ghost_level, one_object_share
+from .evaluate import adherence, clean_scores
 from .world import FILLER_TEMPLATES, HELDOUT_COMBOS, HELDOUT_TEMPLATES, Attributes, caption
 
 PROMPT_SETS = {"heldout": HELDOUT_TEMPLATES, "filler": FILLER_TEMPLATES}
@@ -63,15 +63,6 @@ def evaluate(model_dir: Path, seed: int = 0, prompts: str = "heldout") -> dict:
     scores = adherence(list(videos), [a for _, a in cases])
     scores |= clean_scores(videos)
     return {"cases": cases, "videos": videos, "seconds": time.time() - start, **scores}
-
-
-def clean_scores(videos) -> dict:
-    """Shares of clips with one object in >= 95% of frames and free of ghosts; median edge width (pixels)."""
-    return {
-        "one_object": float(np.mean([one_object_share(v) >= 0.95 for v in videos])),
-        "ghost_free": float(np.mean([ghost_level(v) <= GHOST_FREE for v in videos])),
-        "edge_width": float(np.nanmedian([edge_width(v) for v in videos])),
-    }
 
 
 def markdown(result: dict, model_dir: Path) -> str:
