@@ -5,9 +5,11 @@ trains a VAE of the demo's layout on the demo world's clips (1 thread by default
 `--work/NAME`), then reconstructs held-out clips (all colour x shape x direction combinations, their own seed) and
 reports what the evaluator sees in them (colour, shape, direction, one object, ghosts), PSNR and the edge sharpness
 (gradient on the rendered outlines, reconstruction / truth): the build's `reconstruction_scores`. One JSON line per
-run is appended to `--log`. `--init DIR` starts from another run's EMA weights (a fine-tuning stage), `--eval_only`
-scores the shipped VAE (`--init assets`) or a finished run without training, `--blur S` the rendered clips blurred
-by a Gaussian of S pixels instead (how crisp the evaluator needs outlines to be).
+run is appended to `--log`. `--init DIR` starts from another run's EMA weights (a fine-tuning stage; `--inflate`: a
+single-frame run's decoder with every sub-frame of its temporal expansions made from the last, `train.inflate_time`),
+`--travel` the training clips' travel (share of the room to move), `--eval_only` scores the shipped VAE (`--init
+assets`) or a finished run without training, `--blur S` the rendered clips blurred by a Gaussian of S pixels instead
+(how crisp the evaluator needs outlines to be).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from safetensors.torch import load_file
 from mochi_preview.demo.build import DemoSpec, reconstruction_scores, vae_models
 from mochi_preview.demo.world import WorldConfig, sample_batch
 from mochi_preview.tiny import default_model_dir
-from mochi_preview.train import VAETrainConfig, VAETrainer, reconstruct
+from mochi_preview.train import VAETrainConfig, VAETrainer, inflate_time, reconstruct
 from mochi_preview.vae import Decoder, Encoder
 
 
@@ -71,6 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--size", type=int, default=64, help="training clips' width and height")
     p.add_argument("--frames", type=int, default=7)
     p.add_argument("--object", type=float, nargs=2, default=(0.08, 0.14), help="half-extent range / frame size")
+    p.add_argument("--travel", type=float, nargs=2, default=WorldConfig.travel_range, help="training clips' travel")
     p.add_argument("--eval_size", type=int, default=None, help="default: --size (objects keep their pixel size)")
     p.add_argument("--eval_frames", type=int, default=None, help="default: --frames")
     p.add_argument("--eval_n", type=int, default=96)
@@ -87,13 +90,16 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--recon_loss", choices=["l1", "mse"], default="l1")
     p.add_argument("--ema_decay", type=float, default=0.995)
     p.add_argument("--init", type=str, default=None, help="a run's checkpoint folder, a model folder or 'assets'")
+    p.add_argument("--inflate", action="store_true", help="after --init: every decoder sub-frame from the last one")
     p.add_argument("--background_bias", action="store_true", help="start the decoder's output at the background")
     p.add_argument("--eval_only", action="store_true")
     p.add_argument("--blur", type=float, default=None, help="score Gaussian-blurred clips (sigma px), not a VAE")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     pixels = args.size  # object sizes are fractions of the training frame; evaluation keeps them in pixels
-    world = WorldConfig(frames=args.frames, height=args.size, width=args.size, size_range=tuple(args.object))
+    world = WorldConfig(
+        args.frames, args.size, args.size, size_range=tuple(args.object), travel_range=tuple(args.travel)
+    )
     eval_size = args.eval_size or args.size
     eval_world = WorldConfig(
         frames=args.eval_frames or args.frames,
@@ -107,6 +113,8 @@ def main(argv: list[str] | None = None) -> dict:
             decoder.output_proj.bias.copy_(torch.tensor(world.background) / 127.5 - 1.0)
     if args.init:
         load_weights(encoder, decoder, default_model_dir() if args.init == "assets" else Path(args.init))
+    if args.inflate:
+        inflate_time(decoder)
     cfg = VAETrainConfig(
         steps=args.steps,
         batch_size=args.batch,
@@ -144,6 +152,7 @@ def main(argv: list[str] | None = None) -> dict:
         "params": sum(p.numel() for p in [*encoder.parameters(), *decoder.parameters()]),
         "config": {k: v for k, v in asdict(cfg).items() if k not in ("betas", "checkpoint_every")},
         "init": args.init,
+        "inflate": args.inflate,
         "blur": args.blur,
         "background_bias": args.background_bias,
         "train_s": round(train_s, 1),  # wall time, inflated by other jobs on the machine

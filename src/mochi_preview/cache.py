@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -75,8 +76,16 @@ def make_cache_hook(spec: str | None, sharded_dit: bool = False) -> StepCache | 
 SHARDED = "cache does not combine with a sharded DiT (shard_dit / --shard_dit): keep the whole DiT on every rank"
 
 
+# The fit rises to its peak at a relative change of ~0.108, then falls (below 0 past ~0.145): a change that large is
+# beyond what it was fitted on, and the bare polynomial would count it as a small one, or subtract it.
+TEACACHE_FIT_LIMIT = max(r.real for r in np.roots(np.polyder(TEACACHE_COEFFICIENTS)) if abs(r.imag) < 1e-9)
+
+
 def teacache_rescale(rel: float) -> float:
-    """TeaCache's fitted polynomial for Mochi: maps the indicator's relative change to an output-change estimate."""
+    """TeaCache's fitted polynomial for Mochi: maps the indicator's relative change to an output-change estimate,
+    held at its peak (~0.099) past `TEACACHE_FIT_LIMIT`, so that a larger change never counts less than a smaller one
+    (at the published thresholds 0.06 and 0.09 such a step is always computed)."""
+    rel = min(rel, TEACACHE_FIT_LIMIT)
     return sum(c * rel**k for k, c in enumerate(reversed(TEACACHE_COEFFICIENTS)))
 
 

@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from mochi_preview import MochiPipeline
-from mochi_preview.demo.build import DemoSpec, main, train_vae
-from mochi_preview.train import VAETrainConfig
+from mochi_preview.demo.build import DemoSpec, main, train_vae, vae_models
+from mochi_preview.demo.world import Attributes, sample_geometry
+from mochi_preview.train import VAETrainConfig, inflate_time
 from mochi_preview.verify import check_hashes, manifest_of, read_manifest
 
 TOY = ["--size", "16", "--frames", "13", "--vae_pretrain_size", "8", "--vae_pretrain_frames", "7"]
@@ -62,6 +64,39 @@ def test_vae_fine_tuning_starts_from_the_small_clips_ema_weights(tmp_path):
     assert json.loads((tmp_path / "vae_full" / "state.json").read_text())["step"] == 3
 
 
+def test_a_single_frame_first_stage_hands_over_its_decoder_inflated_to_smaller_second_stage_clips(tmp_path):
+    spec = DemoSpec(frames=13, size=32, vae_pretrain_frames=1, vae_pretrain_size=16, vae_finetune_frames=7,
+                    vae_finetune_size=24, object_size=(0.1, 0.15), pretrain_keeps_pixels=True)  # fmt: skip
+    world = spec.finetune_world()  # the second stage's clips: smaller, objects as many pixels across as the model's
+    assert (world.frames, world.height, world.width) == (7, 24, 24)
+    assert world.size_range == pytest.approx((0.1 * 32 / 24, 0.15 * 32 / 24))
+    assert DemoSpec(frames=13, size=32).finetune_world() == DemoSpec(frames=13, size=32).world()  # 0: the model's
+    cfg = VAETrainConfig(steps=2, batch_size=2, warmup=1, threads=2, checkpoint_every=100)
+    encoder, decoder = train_vae(tmp_path, spec, cfg, replace(cfg, lr=0.0, weight_decay=0.0))
+    first = load_file(tmp_path / "vae" / "state.safetensors")
+    _, expected = vae_models(spec)
+    expected.load_state_dict({k[len("ema.decoder.") :]: v for k, v in first.items() if k.startswith("ema.decoder.")})
+    assert any(not torch.equal(v, expected.state_dict()[k]) for k, v in decoder.state_dict().items())
+    inflate_time(expected)
+    for k, v in decoder.state_dict().items():
+        torch.testing.assert_close(v, expected.state_dict()[k], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("keep_pixels", [True, False])
+def test_second_stage_clips_move_their_objects_as_many_pixels_a_frame_as_the_models(keep_pixels):
+    spec = DemoSpec(size=64, frames=25, object_size=(0.14, 0.22), vae_finetune_size=48, vae_finetune_frames=7,
+                    pretrain_keeps_pixels=keep_pixels)  # fmt: skip
+    rng = np.random.default_rng(0)
+
+    def pixels_per_frame(world):
+        geometry = sample_geometry(rng, [Attributes("red", "square", "right")] * 4000, world)
+        return np.abs(geometry.end - geometry.start).sum(axis=1).mean() / (world.frames - 1)
+
+    small, model = spec.finetune_world(), spec.world()
+    assert small.travel_range[1] < model.travel_range[1] / 2  # the same share of the room would be 2-3x faster
+    assert pixels_per_frame(small) == pytest.approx(pixels_per_frame(model), rel=0.03)
+
+
 def test_vae_trains_in_one_stage_when_the_clips_are_no_larger_than_the_first_stages(tmp_path):
     spec = DemoSpec(frames=7, size=8)  # the first stage's 32x32x13 is capped at the clip's own size
     assert spec.pretrain_world() == spec.world()
@@ -76,6 +111,8 @@ def test_vae_trains_in_one_stage_when_the_clips_are_no_larger_than_the_first_sta
         (["--size", "40"], "multiple of 16"),
         (["--frames", "12"], "6k + 1"),
         (["--vae_pretrain_size", "12"], "multiple of 8"),
+        (["--vae_finetune_size", "20"], "multiple of 8"),
+        (["--vae_finetune_frames", "8"], "6k + 1"),
         (["--latent_clips", "0"], "positive"),
         (["--dit_steps", "-1"], "at least 0"),
         (["--text_steps", "-2"], "at least 0"),

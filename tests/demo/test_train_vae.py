@@ -1,11 +1,20 @@
-"""VAE training: loss terms, a short run that lowers the reconstruction error, latent statistics, exact resume."""
+"""VAE training: loss terms, a short run that lowers the reconstruction error, latent statistics, exact resume, the
+temporal inflation of a single-frame decoder."""
 
 import numpy as np
 import pytest
 import torch
 
 from mochi_preview.demo import world as W
-from mochi_preview.train import VAETrainConfig, VAETrainer, latent_stats, object_mask, reconstruct, vae_losses
+from mochi_preview.train import (
+    VAETrainConfig,
+    VAETrainer,
+    inflate_time,
+    latent_stats,
+    object_mask,
+    reconstruct,
+    vae_losses,
+)
 from mochi_preview.vae.model import Decoder, DecoderConfig, Encoder, EncoderConfig
 
 torch.set_num_threads(1)
@@ -90,3 +99,17 @@ def test_latent_stats_are_per_channel_mean_and_std():
         channel = x[:, c % 3] * (c + 1) + c
         assert mean[c].item() == pytest.approx(channel.mean().item(), rel=1e-5)
         assert std[c].item() == pytest.approx(channel.std(unbiased=False).item(), rel=1e-5)
+
+
+@torch.no_grad()
+def test_inflated_decoder_decodes_a_still_clip_as_its_first_frame_in_every_frame():
+    encoder, decoder = _vae(3)
+    frame = W.to_model_range(_videos(np.random.default_rng(4), 1))[:, :, :1]  # (1, 3, 1, 32, 32)
+    still = frame.expand(-1, -1, 13, -1, -1).contiguous()
+    one = decoder(encoder(frame)[0])  # (1, 3, 1, 32, 32): only the last sub-frame of each expansion is used
+    before = decoder(encoder(still)[0])
+    assert (before - one).abs().amax() > 0.05  # the earlier sub-frames are untrained: the still clip flickers
+    inflate_time(decoder)
+    after = decoder(encoder(still)[0])
+    assert torch.equal(decoder(encoder(frame)[0]), one)  # a single frame decodes as before
+    torch.testing.assert_close(after, one.expand_as(after), rtol=0, atol=1e-5)  # fp32 sums in another order

@@ -4,8 +4,9 @@ Stages, each resumable (trainers checkpoint under `--work`; finished stages are 
 1. a tiny T5 (random T5 v1.1 architecture) and its sentencepiece tokenizer, written to `WORK/t5_init/`, then
    taught to name the colour, shape and direction of training captions (`mochi_preview.train.text`) and frozen,
    `WORK/t5/`: a random T5 hardly sees word order ("from left to right" vs "from right to left");
-2. the VAE (reconstruction + object colour + KL) on clips of at most 32x32 and 13 frames, fine-tuned at the model's
-   clip size when that is larger (`--size`, `--frames`); then a check of its reconstructions (`vae_check`);
+2. the VAE (reconstruction + object colour + KL) on clips of at most 32x32 and 13 frames (or single frames), then
+   fine-tuned on longer or larger clips (the model's own `--size` and `--frames` unless `--vae_finetune_size` /
+   `--vae_finetune_frames` say less); then a check of its reconstructions at the model's size (`vae_check`);
 3. the latent statistics (per-channel mean/std, the demo's normalization constants) and a cache of encoded clips;
 4. the DiT, trained with flow matching on that cache (the cached captions' features from the frozen T5 by default;
    for the experiments in bench/RESULTS.md: `--text_encoder frozen` keeps the random T5, `trained` trains it along
@@ -47,6 +48,7 @@ from ..train import (
     VAETrainConfig,
     VAETrainer,
     encode_latent_data,
+    inflate_time,
     latent_stats,
     reconstruct,
 )
@@ -81,6 +83,10 @@ class DemoSpec:
     # fine-tuning, 100% after 200 steps).
     vae_pretrain_frames: int = 13
     vae_pretrain_size: int = 32
+    # The second stage's clips (0: the model's own). Smaller clips are cheaper steps for the temporal compression; a
+    # first stage on single frames hands its decoder over with every sub-frame made from the last (`inflate_time`).
+    vae_finetune_frames: int = 0
+    vae_finetune_size: int = 0
     t5_vocab: int = 400  # BPE pieces: every caption word whole, plus pieces for other English
     latent_clips: int = 4096  # clips in the DiT's training cache
     num_steps: int = 24  # sampling defaults written to mochi_defaults.json
@@ -98,7 +104,24 @@ class DemoSpec:
 
     def pretrain_world(self) -> WorldConfig:
         """The VAE's first-stage clips (never larger than the model's own)."""
-        size, frames = min(self.size, self.vae_pretrain_size), min(self.frames, self.vae_pretrain_frames)
+        return self._vae_world(self.vae_pretrain_size, self.vae_pretrain_frames)
+
+    def finetune_world(self) -> WorldConfig:
+        """The VAE's second-stage clips (the model's own unless `vae_finetune_size` / `_frames` say smaller). This
+        stage learns the motion: its objects move as many pixels a frame as in the model's clips (shorter or
+        smaller clips at the same travel share would move them up to several times faster)."""
+        world = self._vae_world(self.vae_finetune_size or self.size, self.vae_finetune_frames or self.frames)
+        if world == self._vae_world(self.size, self.frames):
+            return world
+        model = self.world()
+        # How far the average object can travel in a clip of `w` (its half-extent is a share of the frame's side).
+        room = lambda w: w.width - 2 * (sum(w.size_range) / 2 * w.width + w.margin)
+        speed = room(model) / (model.frames - 1) / (room(world) / (world.frames - 1))  # travel share per share
+        travel = tuple(min(1.0, t * speed) for t in model.travel_range)
+        return replace(world, travel_range=travel)
+
+    def _vae_world(self, size: int, frames: int) -> WorldConfig:
+        size, frames = min(self.size, size), min(self.frames, frames)
         scale = self.size / size if self.pretrain_keeps_pixels else 1.0
         objects = tuple(r * scale for r in self.object_size)
         return WorldConfig(frames=frames, height=size, width=size, size_range=objects)
@@ -219,12 +242,17 @@ def vae_check(encoder, decoder, spec: DemoSpec, n: int = 140, seed: int = 123) -
 
 
 def train_vae(work: Path, spec: DemoSpec, cfg: VAETrainConfig, finetune: VAETrainConfig) -> tuple[Encoder, Decoder]:
-    """Train (or resume) the VAE on small clips (`cfg`), then at full size (`finetune`); return its EMA weights."""
+    """Train (or resume) the VAE on small clips (`cfg`), then on the second stage's (`finetune`, at full size by
+    default); return its EMA weights."""
     encoder, decoder = vae_models(spec, cfg.seed)
     stages = [(spec.pretrain_world(), cfg, work / "vae")]
-    if spec.pretrain_world() != spec.world() and finetune.steps > 0:
-        stages.append((spec.world(), finetune, work / "vae_full"))
+    if spec.pretrain_world() != spec.finetune_world() and finetune.steps > 0:
+        stages.append((spec.finetune_world(), finetune, work / "vae_full"))
+    before = None
     for world, stage_cfg, checkpoint in stages:  # each stage starts from the previous one's EMA weights
+        if before is not None and before.frames == 1 < world.frames:
+            inflate_time(decoder)  # the sub-frames a single-frame stage never trained start as the one it did
+        before = world
         sample = lambda rng, n, world=world: sample_batch(rng, n, config=world)[0]
         trainer = VAETrainer(encoder, decoder, sample, stage_cfg)
         trainer.fit(checkpoint=checkpoint)
@@ -289,7 +317,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--vae_steps", type=int, default=3000)
     p.add_argument("--vae_batch", type=int, default=8)
-    p.add_argument("--vae_finetune_steps", type=int, default=200, help="VAE steps at full size, after --vae_steps")
+    p.add_argument("--vae_finetune_steps", type=int, default=200, help="second-stage VAE steps, after --vae_steps")
     p.add_argument("--text_steps", type=int, default=600, help="text-encoder pretraining steps")
     p.add_argument("--dit_steps", type=int, default=2000)
     p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16")
@@ -297,6 +325,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--frames", type=int, default=DemoSpec.frames, help="clip length (6k + 1)")
     p.add_argument("--vae_pretrain_size", type=int, default=DemoSpec.vae_pretrain_size)
     p.add_argument("--vae_pretrain_frames", type=int, default=DemoSpec.vae_pretrain_frames)
+    p.add_argument("--vae_finetune_size", type=int, default=0, help="second-stage clip size (0: --size)")
+    p.add_argument("--vae_finetune_frames", type=int, default=0, help="second-stage clip length (0: --frames)")
     p.add_argument("--latent_clips", type=int, default=DemoSpec.latent_clips, help="clips in the DiT's cache")
     p.add_argument(
         "--object_size", type=float, nargs=2, default=DemoSpec.object_size, help="half-extent range / frame size"
@@ -342,11 +372,13 @@ def main(argv: list[str] | None = None) -> None:
     if not g.valid_size(args.size):
         p.error(f"--size {args.size}: must be a multiple of {g.pixel_multiple} (8x VAE compression, then 2x2 DiT "
                 f"patches); nearest valid: {g.nearest_size(args.size)}")  # fmt: skip
-    if args.vae_pretrain_size % g.spatial or args.vae_pretrain_size < g.spatial:
-        p.error(
-            f"--vae_pretrain_size {args.vae_pretrain_size}: must be a multiple of {g.spatial} (the VAE's compression)"
-        )
-    for name in ("frames", "vae_pretrain_frames"):
+    for name in ("vae_pretrain_size", "vae_finetune_size"):
+        if (n := getattr(args, name)) % g.spatial or n < (g.spatial if name == "vae_pretrain_size" else 0):
+            p.error(f"--{name} {n}: must be a multiple of {g.spatial} (the VAE's compression)"
+                    + (" (0: --size)" if name == "vae_finetune_size" else ""))  # fmt: skip
+    for name in ("frames", "vae_pretrain_frames", "vae_finetune_frames"):
+        if name == "vae_finetune_frames" and args.vae_finetune_frames == 0:
+            continue  # the model's own
         if not g.valid_frames(n := getattr(args, name)):
             p.error(f"--{name} {n}: must be {g.temporal}k + 1 (the VAE's causal compression); nearest valid: "
                     f"{g.nearest_frames(n)}")  # fmt: skip
@@ -354,7 +386,9 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"--vae_channels {args.vae_channels} must be positive multiples of 32 (GroupNorm with 32 groups), "
                 f"--vae_blocks {args.vae_blocks} at least 0")  # fmt: skip
     small, large = args.object_size
-    for name, frame in [("size", args.size), ("vae_pretrain_size", min(args.size, args.vae_pretrain_size))]:
+    stage_sizes = [("vae_pretrain_size", args.vae_pretrain_size), ("vae_finetune_size", args.vae_finetune_size)]
+    frames_of = [("size", args.size)] + [(name, min(args.size, n)) for name, n in stage_sizes if n]
+    for name, frame in frames_of:
         unit = args.size if args.vae_pretrain_pixels else frame  # object sizes are shares of this many pixels
         limit = (frame / 2 - WorldConfig.margin) / unit  # the largest half-extent that leaves room to move
         if not 0 < small <= large < limit:
@@ -373,6 +407,8 @@ def main(argv: list[str] | None = None) -> None:
         size=args.size,
         vae_pretrain_frames=args.vae_pretrain_frames,
         vae_pretrain_size=args.vae_pretrain_size,
+        vae_finetune_frames=args.vae_finetune_frames,
+        vae_finetune_size=args.vae_finetune_size,
         latent_clips=args.latent_clips,
         object_size=tuple(args.object_size),
         vae_channels=tuple(args.vae_channels),

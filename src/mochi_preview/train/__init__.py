@@ -5,7 +5,7 @@ from .common import EMA, TrainConfig, Trainer, lr_at, make_optimizer, seed_every
 from .dit import DiTTrainConfig, DiTTrainer, LatentData, encode_latent_data
 from .flow import drop_captions, flow_matching_loss, noisy_latents, sample_sigmas
 from .text import CaptionClassifier, TextTrainConfig, TextTrainer
-from .vae import VAETrainConfig, VAETrainer, latent_stats, object_mask, reconstruct, vae_losses
+from .vae import VAETrainConfig, VAETrainer, inflate_time, latent_stats, object_mask, reconstruct, vae_losses
 
 __all__ = [
     "CaptionClassifier",
@@ -22,6 +22,7 @@ __all__ = [
     "drop_captions",
     "encode_latent_data",
     "flow_matching_loss",
+    "inflate_time",
     "latent_stats",
     "lr_at",
     "make_optimizer",

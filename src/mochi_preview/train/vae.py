@@ -103,6 +103,26 @@ class VAETrainer(Trainer):
 
 
 @torch.no_grad()
+def inflate_time(decoder: nn.Module) -> nn.Module:
+    """Give every sub-frame of the decoder's temporal expansions the weights of the last one, in place.
+
+    A decoder trained on single frames only ever keeps the last sub-frame of each depth-to-space-time (those before
+    it precede frame 0 and are dropped), so the others are still at their random start. Copied, a still clip decodes
+    in every frame as its first frame does: clip training then starts from the single-frame quality and has only
+    motion to learn (the encoder and the causal convolutions agree already: on repeated frames they see what the
+    replicate padding of a single frame showed them)."""
+    for block in decoder.modules():
+        d2st = getattr(block, "d2st", None)
+        if d2st is None or d2st.temporal == 1:
+            continue
+        st, cells = d2st.temporal, d2st.spatial**2  # the projection's outputs are laid out (c st sh sw)
+        for param in (block.proj.weight, block.proj.bias):
+            grouped = param.view(-1, st, cells, *param.shape[1:])  # (c, st, sh * sw, ...)
+            grouped[:, : st - 1] = grouped[:, st - 1 : st]
+    return decoder
+
+
+@torch.no_grad()
 def reconstruct(encoder: nn.Module, decoder: nn.Module, videos: torch.Tensor) -> torch.Tensor:
     """uint8 (B, 3, T, H, W) -> decoded from the posterior mean, float in [-1, 1] (check colours before the DiT)."""
     mean, _ = encoder(videos.float() / 127.5 - 1.0)
