@@ -111,14 +111,13 @@ class DemoSpec:
         stage learns the motion: its objects move as many pixels a frame as in the model's clips (shorter or
         smaller clips at the same travel share would move them up to several times faster)."""
         world = self._vae_world(self.vae_finetune_size or self.size, self.vae_finetune_frames or self.frames)
-        if world == self._vae_world(self.size, self.frames):
-            return world
         model = self.world()
+        if world == model:
+            return world
         # How far the average object can travel in a clip of `w` (its half-extent is a share of the frame's side).
         room = lambda w: w.width - 2 * (sum(w.size_range) / 2 * w.width + w.margin)
-        speed = room(model) / (model.frames - 1) / (room(world) / (world.frames - 1))  # travel share per share
-        travel = tuple(min(1.0, t * speed) for t in model.travel_range)
-        return replace(world, travel_range=travel)
+        faster = room(model) / (model.frames - 1) / (room(world) / (world.frames - 1))  # model / stage pixels a frame
+        return replace(world, travel_range=tuple(min(1.0, t * faster) for t in model.travel_range))
 
     def _vae_world(self, size: int, frames: int) -> WorldConfig:
         size, frames = min(self.size, size), min(self.frames, frames)
@@ -372,14 +371,12 @@ def main(argv: list[str] | None = None) -> None:
     if not g.valid_size(args.size):
         p.error(f"--size {args.size}: must be a multiple of {g.pixel_multiple} (8x VAE compression, then 2x2 DiT "
                 f"patches); nearest valid: {g.nearest_size(args.size)}")  # fmt: skip
-    for name in ("vae_pretrain_size", "vae_finetune_size"):
-        if (n := getattr(args, name)) % g.spatial or n < (g.spatial if name == "vae_pretrain_size" else 0):
-            p.error(f"--{name} {n}: must be a multiple of {g.spatial} (the VAE's compression)"
-                    + (" (0: --size)" if name == "vae_finetune_size" else ""))  # fmt: skip
+    for name, least in [("vae_pretrain_size", g.spatial), ("vae_finetune_size", 0)]:  # 0: the model's --size
+        if (n := getattr(args, name)) % g.spatial or n < least:
+            p.error(f"--{name} {n}: must be a multiple of {g.spatial} (the VAE's compression), at least {least}")
     for name in ("frames", "vae_pretrain_frames", "vae_finetune_frames"):
-        if name == "vae_finetune_frames" and args.vae_finetune_frames == 0:
-            continue  # the model's own
-        if not g.valid_frames(n := getattr(args, name)):
+        n = getattr(args, name)
+        if not g.valid_frames(n) and not (name == "vae_finetune_frames" and n == 0):  # 0: the model's --frames
             p.error(f"--{name} {n}: must be {g.temporal}k + 1 (the VAE's causal compression); nearest valid: "
                     f"{g.nearest_frames(n)}")  # fmt: skip
     if any(c < 32 or c % 32 for c in args.vae_channels) or min(args.vae_blocks) < 0:
