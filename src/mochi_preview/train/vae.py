@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..vae.model import UpsampleBlock
 from .common import TrainConfig, Trainer
 
 
@@ -112,10 +113,9 @@ def inflate_time(decoder: nn.Module) -> nn.Module:
     motion to learn (the encoder and the causal convolutions agree already: on repeated frames they see what the
     replicate padding of a single frame showed them)."""
     for block in decoder.modules():
-        d2st = getattr(block, "d2st", None)
-        if d2st is None or d2st.temporal == 1:
+        if not isinstance(block, UpsampleBlock) or block.d2st.temporal == 1:
             continue
-        st, cells = d2st.temporal, d2st.spatial**2  # the projection's outputs are laid out (c st sh sw)
+        st, cells = block.d2st.temporal, block.d2st.spatial**2  # the projection's outputs are laid out (c st sh sw)
         for param in (block.proj.weight, block.proj.bias):
             grouped = param.view(-1, st, cells, *param.shape[1:])  # (c, st, sh * sw, ...)
             grouped[:, : st - 1] = grouped[:, st - 1 : st]
