@@ -56,12 +56,13 @@ def test_the_decoded_first_frame_is_the_image(pipe, mode):
     first = uint8(out.frames[0, 0])
     # The ceiling is the VAE's own round trip of the image (the causal decoder makes frame 0 from latent 0 alone,
     # and "replace" ends latent 0 exactly on the image's latent): it must reach it, within 1 dB. "guide" pulls
-    # halfway each step, so in 4 steps it gets close, not all the way (24 steps: 0.4 dB below, bench).
+    # halfway each step, so in 4 steps it gets part of the way only (this clip, demo model of 2026-12-04: 16.5 dB
+    # at 4 steps, 21.6 at 8, 28.3 at 24, round trip 34.0): it is held to beating the same seed without the image.
     x = conditioning.encode(pipe.vae_encoder, image[None], pipe.latent_stats)
     round_trip = uint8(pipe.decode(x, "np")[0, 0])
     if mode == "replace":
         assert psnr(first, image) >= psnr(round_trip, image) - 1.0
-    assert psnr(first, image) > 22.0  # the demo VAE's round trips measure 20.8-30 dB (bench: mean 24.9)
+        assert psnr(first, image) > 22.0  # the demo VAE's round trips of first frames measure 22-34 dB (bench)
     free = pipe("a red square moves right", output_type="np", **FAST)  # the same seed without the image
     assert psnr(uint8(free.frames[0, 0]), image) < psnr(first, image) - 3.0
     assert out.conditioning["mode"] == mode and out.conditioning["anchored_latent_frames"] == 1
@@ -238,11 +239,14 @@ def test_tiling_encodes_in_tiles_and_keeps_the_image(pipe):
     plain = pipe("a red square moves right", image=image, output_type="latent", **FAST)
     pipe.enable_vae_tiling(tiles=(2, 2), overlap=2)
     try:
-        tiled = pipe("a red square moves right", image=image, output_type="np", **FAST)
+        tiled = pipe("a red square moves right", image=image, output_type="latent", **FAST)
     finally:
         pipe.vae_options = {"mode": "auto"}
     assert "encode_tiles" not in plain.conditioning and tiled.conditioning["encode_tiles"] == [2, 2]
-    assert psnr(uint8(tiled.frames[0, 0]), image) > 20.0  # tiles cross-fade: a little below the untiled 22
+    # The anchored latent frame came from the tiled encode; decoded whole (tiled decoding of an 8x8-latent clip is
+    # not what this measures): 33.2 dB against the untiled 36.3 (tiles see their own pixels only).
+    first = lambda out: psnr(uint8(pipe.decode(out.frames, "np")[0, 0]), image)
+    assert first(plain) > 30.0 and first(tiled) > first(plain) - 6.0
 
 
 def test_a_small_memory_budget_encodes_in_tiles(pipe):

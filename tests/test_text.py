@@ -252,7 +252,8 @@ def slow_t5_ids(model: bytes, text: str) -> list[int]:
     return sp.encode("<unk>\u2581" + text.replace("\u2581", " "))[skip:] + [1]
 
 
-DEMO_T5 = Path(__file__).parents[1] / "src" / "mochi_preview" / "assets" / "demo" / "t5"
+# The package's generic tiny tokenizer as the demo model trained with (before `fold_case`): the recordings below.
+CASED_SPIECE = Path(__file__).parent / "data" / "cased_spiece.model"
 
 
 def ids_only(sp: SentencePieceT5) -> TextEncoder:
@@ -261,9 +262,9 @@ def ids_only(sp: SentencePieceT5) -> TextEncoder:
 
 
 def test_ids_equal_transformers_4_slow_tokenizer_on_1000_prompts():
-    """Digests of the ids transformers 4.46.3's slow T5Tokenizer(legacy=False) gave for these prompts with the demo's
-    spiece.model (recorded once; transformers 5 has no slow tokenizer), untruncated and as padded 256-token rows."""
-    te = ids_only(SentencePieceT5(DEMO_T5 / "spiece.model"))
+    """Digests of the ids transformers 4.46.3's slow T5Tokenizer(legacy=False) gave for these prompts with
+    `CASED_SPIECE` (recorded once; transformers 5 has no slow tokenizer), untruncated and as padded 256-token rows."""
+    te = ids_only(SentencePieceT5(CASED_SPIECE))
     prompts = varied_prompts()
     untruncated = [te.sentencepiece.ids(p) + [1] for p in prompts]
     assert sum(len(ids) > 256 for ids in untruncated) > 100  # many are cut
@@ -275,8 +276,8 @@ def test_ids_equal_transformers_4_slow_tokenizer_on_1000_prompts():
 
 
 def test_special_tokens_in_the_text_follow_the_slow_tokenizer():
-    sp = SentencePieceT5(DEMO_T5 / "spiece.model")
-    recorded = {  # transformers 4.46.3, T5Tokenizer(legacy=False), the demo's spiece.model
+    sp = SentencePieceT5(CASED_SPIECE)
+    recorded = {  # transformers 4.46.3, T5Tokenizer(legacy=False), CASED_SPIECE
         "a <extra_id_0> b": [5, 276, 172, 1], "x</s>y": [3, 68, 1, 10, 1], " <pad> q": [0, 3, 142, 1],
         "<unk>": [2, 1], "lemon</s>": [61, 1], "<extra_id_99>  lemon <extra_id_1>": [177, 108, 124, 13, 275, 1],
         "\u2581\u2581 lead": [3, 108, 155, 1], "a\u2581b": [5, 109, 1], "  ": [1], "\n": [1], "lemon </s> ": [61, 1],
@@ -320,3 +321,24 @@ def test_a_tokenizer_set_by_the_caller_makes_the_ids(dirs):
     assert te.sentencepiece is None
     ids, mask = te.tokenize([LEMON])
     assert ids[0, :4].tolist() == [7, 8, 9, 1] and mask.sum() == 4
+
+
+def test_fold_case_makes_every_tokenizer_of_a_folder_read_capitals_as_lower_case(tmp_path):
+    """The demo's tokenizer is case-blind (`tiny.fold_case`, applied by the demo build's export): our ids, and
+    transformers' tokenizers loaded from the same folder, give a prompt in capitals the ids of its lower case."""
+    from transformers import T5Tokenizer, T5TokenizerFast
+
+    from mochi_preview.tiny import fold_case, save_tiny_t5_tokenizer
+
+    save_tiny_t5_tokenizer(tmp_path)
+    cased = SentencePieceT5(tmp_path / "spiece.model")
+    prompts = ["ONE RED BOX GLIDES LEFT!", "The Lemon <extra_id_0> Rolls", "A CAT sleeps on a Sunny Windowsill."]
+    assert all(cased.ids(p) != cased.ids(p.lower()) for p in prompts)  # case-sensitive to begin with
+    fold_case(tmp_path)
+    sp = SentencePieceT5(tmp_path / "spiece.model")
+    for p in prompts:
+        assert sp.ids(p) == sp.ids(p.lower()) == cased.ids(p.lower()), p  # lower case reads as before
+    # (not after a sentinel: there transformers 5 cuts the next word unlike the slow tokenizer, recorded above)
+    for tokenizer in (T5Tokenizer, T5TokenizerFast):
+        tok = tokenizer.from_pretrained(tmp_path, legacy=False)
+        assert [tok(p).input_ids for p in prompts[::2]] == [sp.ids(p) + [1] for p in prompts[::2]], tokenizer

@@ -88,6 +88,43 @@ def save_tiny_t5_tokenizer(
             T5Tokenizer.from_pretrained(tmp, legacy=False, model_max_length=256).save_pretrained(folder)
 
 
+@lru_cache(maxsize=1)
+def _case_folding_charsmap() -> bytes:
+    """sentencepiece's built-in case-folding normalisation (NFKC + case folding, rule "nmt_nfkc_cf"), as the compiled
+    map a model file carries: read off a throwaway model trained with that rule."""
+    import sentencepiece as spm
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(["a b c d e f g hello world"] * 8),
+        model_writer=buf,
+        vocab_size=17,
+        normalization_rule_name="nmt_nfkc_cf",
+        num_threads=1,
+        minloglevel=2,
+    )
+    return pb.ModelProto.FromString(buf.getvalue()).normalizer_spec.precompiled_charsmap
+
+
+def fold_case(folder: Path) -> None:
+    """Make the T5 tokenizer in `folder` case-blind ("A RED BOX" reads as "a red box"): spiece.model normalises with
+    sentencepiece's case-folding rule, and tokenizer.json / tokenizer_config.json, when present, are written again
+    from it, so transformers' tokenizers give the same ids."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+    from transformers import T5Tokenizer
+
+    folder = Path(folder)
+    model = pb.ModelProto.FromString((folder / "spiece.model").read_bytes())
+    model.normalizer_spec.name = "nmt_nfkc_cf"
+    model.normalizer_spec.precompiled_charsmap = _case_folding_charsmap()
+    (folder / "spiece.model").write_bytes(model.SerializeToString())
+    if (folder / "tokenizer.json").is_file():
+        with tempfile.TemporaryDirectory() as tmp:
+            shutil.copy(folder / "spiece.model", tmp)
+            T5Tokenizer.from_pretrained(tmp, legacy=False, model_max_length=256).save_pretrained(folder)
+
+
 def tiny_vocab_size(vocab_size: int = 200, corpus: str = CORPUS, model_type: str = "unigram") -> int:
     """Embedding rows: tokenizer size with T5's 100 sentinels, padded to a multiple of 64 (T5 has 32128)."""
     import sentencepiece as spm

@@ -22,7 +22,7 @@ def shapes(path):
 def test_the_clips_objects_have_the_chosen_size_in_both_vae_stages():
     spec = DemoSpec(object_size=(0.15, 0.2))
     assert spec.world().size_range == spec.pretrain_world().size_range == (0.15, 0.2)
-    assert DemoSpec().world().size_range == (0.08, 0.14)  # the shipped model's world
+    assert DemoSpec().world().size_range == (0.14, 0.22)  # the shipped model's world
 
 
 def test_the_first_vae_stage_can_keep_the_objects_pixel_size():

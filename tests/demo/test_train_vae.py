@@ -19,7 +19,7 @@ from mochi_preview.vae.model import Decoder, DecoderConfig, Encoder, EncoderConf
 
 torch.set_num_threads(1)
 
-WORLD = W.WorldConfig(frames=7, height=32, width=32)  # latent (12, 2, 4, 4)
+WORLD = W.WorldConfig(frames=7, height=32, width=32, size_range=(0.08, 0.14))  # latent (12, 2, 4, 4)
 LEVELS = dict(channels=(32, 32, 32, 32), num_res_blocks=(0, 0, 0, 1, 1))  # no full-resolution blocks: fast
 
 

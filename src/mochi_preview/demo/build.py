@@ -38,7 +38,7 @@ from ..dit import AsymmDiT, init_weights, save_dit_native
 from ..files import atomic_dir, write_atomic
 from ..geometry import MOCHI
 from ..text import TextEncoder
-from ..tiny import CORPUS, save_tiny_t5
+from ..tiny import CORPUS, fold_case, save_tiny_t5
 from ..train import (
     DiTTrainConfig,
     DiTTrainer,
@@ -296,6 +296,7 @@ def export(out: Path, dit: AsymmDiT, t5, t5_files: Path, encoder, decoder, mean,
             shutil.copyfile(f, tmp / f.name)
         if t5 is not None:
             t5.save_pretrained(tmp)
+        fold_case(tmp)  # prompts in capitals read as in lower case (the captions are mostly lower case)
     (out / "dit.safetensors").unlink(missing_ok=True)  # save_dit_native refuses to overwrite
     save_dit_native(out / "dit.safetensors", dit, dtype=dtype)
     for name, module in [("decoder", decoder), ("encoder", encoder)]:
