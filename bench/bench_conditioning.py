@@ -152,7 +152,7 @@ def video_to_video(pipe, args, rng) -> list[dict]:
 
 def extension(pipe, args, rng) -> list[dict]:
     attrs, videos, prompts = clips(rng, args.v2v_cases)
-    # Slow clips: the continuation has room to keep moving the same way
+    # The world's own clips (full travel: an object often ends near the frame's edge, with little room to go on)
     x = encode_all(pipe, np.stack([conditioning.extension_frames(v) for v in videos]))  # (n, 12, 2, h, w)
     make = lambda noise, sigmas: conditioning.anchor(noise, x, sigmas, args.mode)  # noqa: E731
     out = generate(pipe, prompts, args.steps, args.seed, make)

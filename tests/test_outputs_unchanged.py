@@ -1,6 +1,6 @@
 """Refactors change no numbers: the demo model's frames for a fixed seed, as recorded.
 
-`data/demo_frames_seed0.npz` holds the frames the rebuilt demo model (issue 15, 2026-12-04) made (fp32, CPU, seed 0;
+`data/demo_frames_seed0.npz` holds the frames the shipped demo model (issue 15, 13-19 px) made (fp32, CPU, seed 0;
 its predecessor was pinned the same way from e00f062 on). On a machine like the one that recorded them (the same
 torch build and CPU kernel set, 2 threads: the split of a matmul's sums depends on the thread count) they must be
 equal bit for bit; elsewhere fp32 matmuls may sum in another order, so there they must agree to fp32 rounding carried
@@ -22,7 +22,7 @@ from mochi_preview.tiny import DEMO_MODEL_DIR
 
 DATA = Path(__file__).parent / "data"
 RECORDED_ON = {"torch": "2.13.0+cpu", "cpu_capability": "AVX2"}
-RECORDED_SHA256 = "4e0ab539530d847221c86a005cb1d6406f85cf717a151008923c3a469e7a254b"
+RECORDED_SHA256 = "d659ef3cce4dbfb54e0afeffda53d085eec136331f8a50a2a263dd2acc69fbc8"
 
 
 @pytest.fixture

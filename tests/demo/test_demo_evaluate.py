@@ -101,3 +101,40 @@ def test_strip_shows_evenly_spaced_frames_at_about_128_pixels(tmp_path, size, sc
     assert strip.shape == (2 * tile, 7 * tile, 3)
     reds = [strip[tile // 2, i * tile + tile // 2, 0] for i in range(7)]
     assert reds == [round(t / 12 * 255) for t in (0, 2, 4, 6, 8, 10, 12)]
+
+
+def _drawn(inside, size: int = 64, frames: int = 5) -> np.ndarray:
+    """(T, H, W, 3) clip of a red region `inside(x, y)` (pixel offsets from the centre, moving right) on black."""
+    ys, xs = np.mgrid[:size, :size] + 0.5
+    clip = np.zeros((frames, size, size, 3), np.float32)
+    for t in range(frames):
+        clip[t, inside(xs - size / 2 + 2 * t - frames, ys - size / 2)] = (0.9, 0.1, 0.1)
+    return clip
+
+
+def test_shape_reads_what_a_viewer_sees_not_only_the_fill_ratio():
+    s = 14.0  # half-extent in pixels
+    big, small = lambda x, y: np.maximum(abs(x), abs(y)), lambda x, y: np.minimum(abs(x), abs(y))
+    # Sides pushed in by 15% at their middles, corners in place: the demo DiT's squares (fill ratio ~0.87).
+    pinched = _drawn(lambda x, y: big(x, y) <= s * (1 - 0.15 * (1 - (small(x, y) / s) ** 2)))
+    rounded = _drawn(lambda x, y: abs(x) ** 4 + abs(y) ** 4 <= s**4)  # a squircle
+    angle = lambda x, y: np.arctan2(y, x)
+    lumpy = _drawn(lambda x, y: np.hypot(x, y) <= s * (1 + 0.1 * np.cos(4 * angle(x, y))))  # diamond-ish blob
+    wavy = _drawn(lambda x, y: np.hypot(x, y) <= s * (1 + 0.06 * np.cos(5 * angle(x, y) + 1)))
+    seen = {name: E.observe(clip) for name, clip in
+            [("pinched", pinched), ("rounded", rounded), ("lumpy", lumpy), ("wavy", wavy)]}  # fmt: skip
+    assert {k: o.shape for k, o in seen.items()} == dict(
+        pinched="square", rounded="square", lumpy="circle", wavy="circle"
+    )
+    assert E.classify_shape(seen["pinched"].fill) == "circle"  # the fill ratio alone misreads the pinched square
+    speck = pinched.copy()
+    speck[:, 2, 2] = (0.9, 0.1, 0.1)  # a stray pixel far away does not widen the object's box
+    assert E.observe(speck).shape == "square"
+
+
+def test_shape_survives_a_blur():
+    frames, attrs = _clips(8, W.WorldConfig(size_range=(0.15, 0.3)))
+    k = np.array([1, 4, 6, 4, 1], np.float32) / 16  # binomial, sigma 1
+    blur = lambda f: np.apply_along_axis(lambda r: np.convolve(r, k, "same"), 1, np.apply_along_axis(
+        lambda r: np.convolve(r, k, "same"), 2, f))  # fmt: skip
+    assert E.adherence([blur(f) for f in frames], attrs)["shape"] == 1.0

@@ -55,7 +55,9 @@ def test_objects_move_as_labelled_and_colour_is_exact():
         if a.direction == "still":
             assert abs(dx) < 1e-3 and abs(dy) < 1e-3
         else:
-            assert np.dot([dx, dy], expected) > 0.2  # travels at least a fifth of the frame the right way
+            # The right way, at least the least share of the least room any object has (the largest one's).
+            room = config.width - 2 * (config.size_range[1] * config.width + config.margin)
+            assert np.dot([dx, dy], expected) * config.width > config.travel_range[0] * room - 0.5
             assert abs(np.dot([dx, dy], expected[::-1])) < 0.01  # and not sideways (< 1 pixel)
         # The object's interior has exactly the named colour.
         pixels = video.reshape(3, -1).T

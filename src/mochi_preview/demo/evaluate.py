@@ -2,7 +2,9 @@
 
 The object is whatever differs clearly from the background (each frame's median colour). Its colour is the median
 of its pixels classified by hue (or as white when unsaturated), its direction the centroid's least-squares motion
-over the clip, its shape the fill ratio of its bounding box (circle pi/4, square 1, triangle 1/2). With
+over the clip, its shape from two measures of each frame's largest object region: the fill ratio of its bounding box
+(circle pi/4, square 1, triangle 1/2) and how far it reaches into the box's corners (`corner_reach`: square 1,
+circle and triangle about 0.7). With
 `hues=ALL_HUES` the colours include the new ones of `world.NEW_COLOURS` (lime, the LoRA proof's concept).
 
 One clean object: `object_count` / `one_object_share` count connected regions that differ clearly from the
@@ -34,6 +36,7 @@ class Observation:
     direction: str
     rgb: tuple[float, float, float] | None = None  # median object colour in [0, 1]
     fill: float | None = None  # median object area / bounding-box area
+    corners: float | None = None  # median corner reach (`corner_reach`): square 1, circle 0.71, triangle 0.75
     displacement: tuple[float, float] | None = None  # (dx, dy) over the clip, fractions of width/height, y down
     frames_found: int = 0
 
@@ -48,9 +51,28 @@ def classify_colour(rgb, min_saturation: float = 0.3, hues: dict[str, float] = H
     return min(hues, key=lambda name: circular(hue, hues[name]))
 
 
-def classify_shape(fill: float) -> str:
-    """Fill ratio of the bounding box -> shape: triangle 0.5, circle 0.785, square 1 (cut halfway between)."""
-    return "triangle" if fill < 0.66 else "circle" if fill < 0.92 else "square"
+# A square's corners reach the corners of its bounding box: 1. A circle's diagonal extent is 1/sqrt(2) of its box's
+# (0.71; pixel steps add ~0.25 / radius), an apex-up triangle's 3/4. Cut halfway between circle and square: a square
+# whose corners are rounded by up to half its half-side, or whose sides are pinched in, is still a square.
+SQUARE_CORNERS = 0.85
+TRIANGLE_FILL = 0.66  # halfway between triangle (1/2) and circle (pi/4)
+
+
+def corner_reach(ys: np.ndarray, xs: np.ndarray) -> float:
+    """How far a region's pixels reach along the diagonals, relative to its bounding box: the extents of x + y and
+    x - y over twice the box's width + height (pixel extents, each +1 per pixel). Square 1, circle ~0.71."""
+    box = (xs.max() - xs.min() + 1) + (ys.max() - ys.min() + 1)
+    diagonals = (np.ptp(xs + ys) + 2) + (np.ptp(xs - ys) + 2)
+    return float(diagonals / (2 * box))
+
+
+def classify_shape(fill: float, corners: float | None = None) -> str:
+    """Square when the region fills its box's corners (`corners` >= SQUARE_CORNERS), else triangle or circle by fill
+    ratio. Without `corners`, by fill alone (square >= 0.92): the evaluator's rule until the demo model of 13-19 px
+    objects, which read its squares with pinched sides as circles."""
+    if corners is None:
+        return "triangle" if fill < TRIANGLE_FILL else "circle" if fill < 0.92 else "square"
+    return "square" if corners >= SQUARE_CORNERS else "triangle" if fill < TRIANGLE_FILL else "circle"
 
 
 def _as_frames(frames) -> np.ndarray:
@@ -81,12 +103,17 @@ def observe(frames, still_threshold: float = 0.08, min_pixels: int = 4, hues: di
         return Observation(NONE, NONE, NONE)
 
     rgb = np.median(x[masks & (masks.sum(axis=(1, 2)) >= min_pixels)[:, None, None]], axis=0)  # (3,)
-    fills, centres = [], []
-    for i in found:
-        ys, xs = np.nonzero(masks[i])
+    labels = label_regions(masks[found])  # the shape is the largest region's: a stray speck would widen the box
+    sizes = _region_sizes(labels)
+    sizes[:, 0] = 0
+    fills, corners, centres = [], [], []
+    for i, frame, largest in zip(found, labels, sizes.argmax(axis=1)):
+        ys, xs = np.nonzero(frame == largest)
         fills.append(len(ys) / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)))
+        corners.append(corner_reach(ys, xs))
+        ys, xs = np.nonzero(masks[i])
         centres.append((xs.mean(), ys.mean()))
-    fill = float(np.median(fills))
+    fill, corner = float(np.median(fills)), float(np.median(corners))
 
     direction, displacement = NONE, None
     if len(found) >= 2:
@@ -102,10 +129,11 @@ def observe(frames, still_threshold: float = 0.08, min_pixels: int = 4, hues: di
             direction = "down" if dy > 0 else "up"
     return Observation(
         classify_colour(rgb, hues=hues),
-        classify_shape(fill),
+        classify_shape(fill, corner),
         direction,
         tuple(map(float, rgb)),
         fill,
+        corner,
         displacement,
         len(found),
     )

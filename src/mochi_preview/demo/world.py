@@ -70,7 +70,7 @@ class WorldConfig:
     height: int = 64
     width: int = 64
     directions: tuple[str, ...] = MOVES  # add "still" for objects that stay put
-    size_range: tuple[float, float] = (0.14, 0.22)  # half-extent (circle radius) / min(H, W): 9-14 px at 64x64
+    size_range: tuple[float, float] = (0.20, 0.30)  # half-extent (circle radius) / min(H, W): 13-19 px at 64x64
     travel_range: tuple[float, float] = (0.4, 1.0)  # distance travelled / the room the object has to move
     margin: float = 2.0  # pixels kept free between the object and the border
     background: tuple[int, int, int] = (16, 16, 16)
