@@ -8,6 +8,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+import toy_build
 from safetensors.torch import load_file
 
 from mochi_preview import MochiPipeline
@@ -17,8 +18,7 @@ from mochi_preview.text import SentencePieceT5
 from mochi_preview.train import VAETrainConfig, inflate_time
 from mochi_preview.verify import check_hashes, manifest_of, read_manifest
 
-TOY = ["--size", "16", "--frames", "13", "--vae_pretrain_size", "8", "--vae_pretrain_frames", "7"]
-TOY += ["--object_size", "0.14", "0.22"]  # the shipped 0.20-0.30 leaves no room to move in 8-pixel frames
+TOY = toy_build.TOY
 
 
 def test_build_writes_a_model_the_pipeline_loads_and_resumes_to_the_same_files(tmp_path):

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+import toy_build
 from safetensors import safe_open
 
 from mochi_preview import MochiPipeline
 from mochi_preview.demo.build import DemoSpec, main
 from mochi_preview.vae.layout import infer_decoder_config, infer_encoder_config
 
-TOY = ["--size", "16", "--frames", "13", "--vae_pretrain_size", "8", "--vae_pretrain_frames", "7", "--threads", "1"]
-TOY += ["--object_size", "0.14", "0.22"]  # the shipped 0.20-0.30 leaves no room to move in 8-pixel frames
+TOY = [*toy_build.TOY, "--threads", "1"]
 STEPS = ["--text_steps", "1", "--vae_steps", "1", "--vae_finetune_steps", "1", "--dit_steps", "1", "--vae_batch", "1"]
 
 

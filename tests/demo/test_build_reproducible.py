@@ -6,13 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import toy_build
 
 from mochi_preview.demo import build
 from mochi_preview.train import LatentData, Trainer
 
 # Toy clips (16x16 x 13 frames, VAE first stage at 8x8 x 7), 4 steps a stage, a checkpoint every 2; no checks.
-TOY = ["--size", "16", "--frames", "13", "--vae_pretrain_size", "8", "--vae_pretrain_frames", "7", "--threads", "1"]
-TOY += ["--object_size", "0.14", "0.22"]  # the shipped 0.20-0.30 leaves no room to move in 8-pixel frames
+TOY = [*toy_build.TOY, "--threads", "1"]
 STEPS = ["--text_steps", "4", "--vae_steps", "4", "--vae_finetune_steps", "4", "--dit_steps", "4", "--vae_batch", "2"]
 
 
