@@ -22,7 +22,7 @@ from mochi_preview.tiny import DEMO_MODEL_DIR
 
 DATA = Path(__file__).parent / "data"
 RECORDED_ON = {"torch": "2.13.0+cpu", "cpu_capability": "AVX2"}
-RECORDED_SHA256 = "d659ef3cce4dbfb54e0afeffda53d085eec136331f8a50a2a263dd2acc69fbc8"
+RECORDED_SHA256 = "e5e569863f45fae41435a242f7c91cebe9b0678359a084504ee4318536c3561c"
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ from PIL import Image
 
 from mochi_preview import MochiPipeline, preview
 from mochi_preview.tiny import demo_model_dir, save_random_model
+from mochi_preview.vae import denormalize_latents
 
 
 @pytest.fixture(scope="module")
@@ -51,21 +52,52 @@ def test_the_fit_recovers_an_affine_decoder_exactly():
 
 def test_demo_decoder_fit_carries_the_latents_colour_information(demo):
     """Held-out latents (another seed): the fitted projection's mean colour error is a fraction of the same map's with
-    its latent channels shuffled, and within 10% of the best constant colour's. Measured: fitted 0.054, constant
-    0.051, shuffled 0.137 on the demo model of 13-19 px objects; 0.035 / 0.054 / 0.13 on the one before it (its
-    decoder was closer to affine in colour; bench/RESULTS.md, "Live preview")."""
+    its latent channels shuffled. Measured (fitted / best constant colour / shuffled): 0.054 / 0.045 / 0.131 on the
+    shipped demo model, whose decoder (fine-tuned on noisy latents) draws these off-world panels close to a constant;
+    0.054 / 0.051 / 0.137 on the one before it, 0.035 / 0.054 / 0.13 on the one before that (bench/RESULTS.md, "Live
+    preview"). An affine map no longer beats a constant colour on them, so what the preview must still show, where
+    the object is, is the next test's."""
     fit = preview.projection_for(demo)
     with torch.inference_mode():
         z = preview.fit_latents(demo, seed=1)
         truth = preview.block_means(preview.decode_fn(demo)(z))
     error = lambda p: (p(z).clamp(0, 1) - truth).abs().mean().item()  # noqa: E731
     constant = (truth - truth.mean(dim=(0, 2, 3, 4), keepdim=True)).abs().mean().item()
-    shuffled = preview.Projection(fit.weight[:, torch.randperm(12, generator=torch.Generator().manual_seed(0))],
-                                  fit.bias)  # fmt: skip
-    print(
-        f"held-out mean colour error: fitted {error(fit):.4f}, constant {constant:.4f}, shuffled {error(shuffled):.4f}"
-    )
-    assert error(fit) <= 0.5 * error(shuffled) and error(fit) <= 1.1 * constant
+    shuffled = error(shuffle(fit))
+    print(f"held-out mean colour error: fitted {error(fit):.4f}, constant {constant:.4f}, shuffled {shuffled:.4f}")
+    assert error(fit) <= 0.5 * shuffled
+
+
+def shuffle(fit: preview.Projection) -> preview.Projection:
+    """The same map with its latent channels in a seeded random order: the colours without the latents' meaning."""
+    return preview.Projection(fit.weight[:, torch.randperm(12, generator=torch.Generator().manual_seed(0))], fit.bias)
+
+
+def test_demo_decoder_fit_shows_where_the_object_is(demo):
+    """On encoded clips of the demo world the projection's object blocks (farther than half the peak from the frame's
+    median colour) overlap the decoded truth's: IoU 0.82 measured on the shipped model (0.77 on the one before it),
+    0.44 with the channels shuffled."""
+    from mochi_preview.demo.world import WorldConfig, sample_batch
+
+    fit = preview.projection_for(demo)
+    videos, _, _ = sample_batch(np.random.default_rng(3), 8, split="all", config=WorldConfig())
+    with torch.inference_mode():
+        z = torch.cat([denormalize_latents(demo._encode_pixels(v.permute(1, 2, 3, 0).numpy()), *demo.latent_stats)
+                       for v in videos])  # fmt: skip
+        truth = object_blocks(preview.block_means(preview.decode_fn(demo)(z)))
+
+    def iou(projection: preview.Projection) -> float:
+        shown = object_blocks(projection(z).clamp(0, 1))
+        return ((shown & truth).sum() / (shown | truth).sum()).item()
+
+    print(f"object blocks IoU: fitted {iou(fit):.3f}, shuffled {iou(shuffle(fit)):.3f}")
+    assert iou(fit) >= 0.7 and iou(fit) >= 1.5 * iou(shuffle(fit))
+
+
+def object_blocks(rgb: torch.Tensor) -> torch.Tensor:
+    """(B, 3, T, H, W) block colours -> bool (B, T, H, W): blocks farther than half the peak from the frame's median."""
+    c = (rgb - rgb.flatten(3).median(dim=-1).values[..., None, None]).abs().amax(dim=1)
+    return c > 0.5 * c.flatten(2).amax(dim=-1)[..., None, None]
 
 
 def test_the_fit_is_cached_per_decoder_and_deterministic(demo):

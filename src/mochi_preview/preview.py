@@ -7,11 +7,11 @@ latent frame k >= 1 -> frames 6k-5 ... 6k; an 8x8 block). It is fitted by least 
 with a rectangle of any colour), so the latents lie where the decoder's real inputs do; a model without an encoder
 fits on seeded N(0, 1) latents instead (normalised space, then denormalised). The fit is cached per decoder object.
 How well an affine map does depends on the decoder. Demo decoders (bench/RESULTS.md, "Live preview" and "Demo model
-rebuild groundwork" §8): mean colour error on held-out panels 0.035 against 0.054 for the best constant colour on
-the one of 9-14 px objects, but 0.054 against 0.051 on the shipped one (13-19 px), whose colours are further from
-affine; on its encoded clips the map still finds the object (IoU 0.77 with the decoded truth) but hardly its colour
-(object colour error 0.23, a constant 0.25). So the preview shows where things are, and their colour only as far as
-the decoder is affine.
+rebuild groundwork" §8-9): mean colour error on held-out panels 0.035 against 0.054 for the best constant colour on
+the one of 9-14 px objects, 0.054 against 0.051 on the next (13-19 px), whose colours are further from affine, and
+0.054 against 0.045 on the shipped one (its decoder, fine-tuned on noisy latents, draws these off-world panels close
+to a constant); on its encoded clips the map still finds the object (IoU 0.82 with the decoded truth; 0.77 on the
+one before). So the preview shows where things are, and their colour only as far as the decoder is affine.
 
 During sampling the preview shows the clean latents the last step predicts, x0 = z - sigma * dz/dsigma, with
 dz/dsigma read from two consecutive latents (Euler steps move along the predicted velocity); at the first step,

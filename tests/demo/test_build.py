@@ -12,10 +12,20 @@ import toy_build
 from safetensors.torch import load_file
 
 from mochi_preview import MochiPipeline
-from mochi_preview.demo.build import DemoSpec, main, train_vae, vae_models
+from mochi_preview.demo.build import (
+    DemoSpec,
+    arguments,
+    main,
+    polish_decoder,
+    spec_of,
+    train_vae,
+    vae_configs,
+    vae_models,
+)
 from mochi_preview.demo.world import Attributes, sample_geometry
 from mochi_preview.text import SentencePieceT5
 from mochi_preview.train import VAETrainConfig, inflate_time
+from mochi_preview.vae import load_vae_decoder, load_vae_encoder
 from mochi_preview.verify import check_hashes, manifest_of, read_manifest
 
 TOY = toy_build.TOY
@@ -109,10 +119,33 @@ def test_vae_trains_in_one_stage_when_the_clips_are_no_larger_than_the_first_sta
     assert (tmp_path / "vae" / "state.json").is_file() and not (tmp_path / "vae_full").exists()
 
 
+def test_the_decoder_stage_trains_the_decoder_alone_and_gives_a_shipped_folder_the_builds_decoder(tmp_path):
+    """--decoder_steps: the encoder, the DiT and the T5 are the build's without it; the decoder is what
+    `polish_decoder` makes of the exported folder without it (the stage starts from the exported weights)."""
+    steps = ["--text_steps", "2", "--vae_steps", "2", "--vae_finetune_steps", "2", "--dit_steps", "2"]
+    common = [*TOY, *steps, "--latent_clips", "16", "--vae_batch", "2", "--threads", "1", "--skip_eval"]
+    plain, noisy = tmp_path / "plain", tmp_path / "noisy"
+    main(["--out", str(plain), *common])
+    main(["--out", str(noisy), *common, "--decoder_steps", "2", "--decoder_noise", "0.5"])
+    for name in ["dit.safetensors", "encoder.safetensors", "t5/model.safetensors"]:
+        assert (plain / name).read_bytes() == (noisy / name).read_bytes(), name
+    assert (plain / "decoder.safetensors").read_bytes() != (noisy / "decoder.safetensors").read_bytes()
+
+    args = arguments().parse_args(["--out", str(plain), *common, "--decoder_steps", "2", "--decoder_noise", "0.5"])
+    encoder, decoder = load_vae_encoder(plain / "encoder.safetensors"), load_vae_decoder(plain / "decoder.safetensors")
+    polished = polish_decoder(tmp_path / "again", spec_of(args), encoder, decoder, vae_configs(args)[2], torch.float16)
+    shipped = load_file(noisy / "decoder.safetensors")
+    assert shipped.keys() == polished.state_dict().keys()
+    for k, v in polished.state_dict().items():
+        assert torch.equal(v.half(), shipped[k]), k
+
+
 @pytest.mark.parametrize(
     "bad, message",
     [
         (["--size", "40"], "multiple of 16"),
+        (["--decoder_steps", "-1"], "at least 0"),
+        (["--decoder_noise", "5"], "between 0 and 4"),
         (["--frames", "12"], "6k + 1"),
         (["--vae_pretrain_size", "12"], "multiple of 8"),
         (["--vae_finetune_size", "20"], "multiple of 8"),

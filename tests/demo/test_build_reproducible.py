@@ -14,6 +14,7 @@ from mochi_preview.train import LatentData, Trainer
 # Toy clips (16x16 x 13 frames, VAE first stage at 8x8 x 7), 4 steps a stage, a checkpoint every 2; no checks.
 TOY = [*toy_build.TOY, "--threads", "1"]
 STEPS = ["--text_steps", "4", "--vae_steps", "4", "--vae_finetune_steps", "4", "--dit_steps", "4", "--vae_batch", "2"]
+STEPS += ["--decoder_steps", "4"]  # the decoder alone on noisy latents, after the DiT
 
 
 def build_args(out: Path, *extra: str) -> list[str]:
@@ -88,5 +89,5 @@ def test_a_build_stopped_in_every_stage_resumes_to_the_same_files(straight, tmp_
                 assert not (out / "decoder.safetensors").exists()
                 assert sorted(p.name for p in out.iterdir()) == ["dit.safetensors", "t5"]
     kinds = [s.split()[0] for s in stopped]
-    assert kinds == ["TextTrainer", "VAETrainer", "VAETrainer", "latent", "DiTTrainer", "export"], stopped
+    assert kinds == ["TextTrainer", "VAETrainer", "VAETrainer", "latent", "DiTTrainer", "VAETrainer", "export"], stopped
     assert files(out) == straight

@@ -28,13 +28,13 @@ def test_the_shipped_demo_model_is_the_default(capsys):
 
 # Each held-out set: its 45 prompts in 3 wordings (seeds 0, 1, 2), 135 clips. Chance is 1/7 for colour, 1/4 for
 # direction, 1/3 for shape. One object: exactly one object region in >= 95% of a clip's frames; ghost-free:
-# ghost_level <= GHOST_FREE (both in demo/evaluate.py). The floors sit a few clips under what the shipped model (13-19
-# px objects, caption tokenizer, 4,000 DiT steps) measured (bench/RESULTS.md, "Demo model rebuild groundwork" §8):
-# held-out 100 / 100 / 91.9 / 88.1 / 100%, filler 97.8 / 100 / 91.1 / 87.4 / 100%. Issue 15's target not yet
-# reached (one object 95%) is not a floor yet.
+# ghost_level <= GHOST_FREE (both in demo/evaluate.py). The floors are issue 15's targets; the shipped model (build 8,
+# bench/RESULTS.md "Demo model rebuild groundwork" §9) measured held-out 100 / 100 / 92.6 / 97.0 / 100% and filler
+# 97.8 / 100 / 91.9 / 99.3 / 100%, at least two clips above each floor. Filler colour is one clip above its target
+# (97%), so its floor sits one clip lower: fp32 sums in another order (another CPU) may flip a borderline clip.
 FLOOR = {
-    "heldout": {"colour": 0.97, "direction": 0.95, "shape": 0.88, "one_object": 0.83, "ghost_free": 0.95},
-    "filler": {"colour": 0.95, "direction": 0.95, "shape": 0.87, "one_object": 0.82, "ghost_free": 0.95},
+    "heldout": {"colour": 0.97, "direction": 0.95, "shape": 0.90, "one_object": 0.95, "ghost_free": 0.95},
+    "filler": {"colour": 0.96, "direction": 0.95, "shape": 0.90, "one_object": 0.95, "ghost_free": 0.95},
 }
 SEEDS = (0, 1, 2)
 

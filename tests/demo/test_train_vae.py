@@ -4,6 +4,7 @@ temporal inflation of a single-frame decoder."""
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from mochi_preview.demo import world as W
 from mochi_preview.train import (
@@ -79,6 +80,35 @@ def test_resume_gives_exactly_the_same_state(tmp_path):
     (a, meta_a), (b, meta_b) = straight.state(), resumed.state()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert meta_a == meta_b
+
+
+def test_a_frozen_encoder_stays_as_it_was_and_only_the_decoder_is_trained_and_checkpointed(tmp_path):
+    encoder, decoder = _vae()
+    before = {k: v.clone() for k, v in encoder.state_dict().items()}
+    decoder_before = {k: v.clone() for k, v in decoder.state_dict().items()}
+    cfg = VAETrainConfig(steps=3, batch_size=2, warmup=1, threads=1, train_encoder=False, latent_noise=0.5)
+    trainer = VAETrainer(encoder, decoder, _videos, cfg)
+    trainer.fit(checkpoint=tmp_path / "ckpt", progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in encoder.state_dict().items())
+    assert any(not torch.equal(v, decoder_before[k]) for k, v in decoder.state_dict().items())
+    saved = load_file(tmp_path / "ckpt" / "state.safetensors")
+    assert not any(k.startswith("model.encoder.") for k in saved) and any(k.startswith("model.decoder.") for k in saved)
+
+
+def test_latent_noise_reaches_the_decoder_and_zero_adds_none():
+    """The decoder's input is the posterior mean plus noise up to `latent_noise` channel stds; 0 is the plain mean."""
+    seen = []
+    encoder, decoder = _vae()
+    decoder.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0].detach().clone()))
+    means = []
+    encoder.register_forward_hook(lambda module, inputs, out: means.append(out[0].detach().clone()))
+    for noise in (0.0, 1.0):
+        cfg = VAETrainConfig(steps=1, batch_size=4, threads=1, train_encoder=False, latent_noise=noise)
+        VAETrainer(encoder, decoder, _videos, cfg).loss()
+    assert torch.equal(seen[0], means[0])
+    offset = seen[1] - means[1]  # (B, 12, T, H, W): at most 1 std of each channel, a different level per clip
+    levels = (offset / means[1].std(dim=(0, 2, 3, 4), keepdim=True)).flatten(1).std(dim=1)  # (B,)
+    assert 0 < levels.min() < levels.max() < 1.2, levels
 
 
 class _Affine(torch.nn.Module):

@@ -12,7 +12,10 @@ Stages, each resumable (trainers checkpoint under `--work`; finished stages are 
    for the experiments in bench/RESULTS.md: `--text_encoder frozen` keeps the random T5, `trained` trains it along
    with the DiT, `--captions fresh` draws a new caption for each clip at every step, `--tokenizer captions` trains
    the tokenizer on the world's captions);
-5. export in the published native layout (dit/decoder/encoder.safetensors, t5/) plus `mochi_defaults.json` and
+5. with `--decoder_steps`, the decoder alone fine-tuned on noisy latents (the encoder, the cache and the DiT stay
+   as they are): the DiT's latents are never exactly an encoder's, and a decoder that saw only those drew the
+   difference as stray marks beside the object (`polish_decoder`);
+6. export in the published native layout (dit/decoder/encoder.safetensors, t5/) plus `mochi_defaults.json` and
    `latent_stats.json`, then the adherence evaluation (`evaluate_model`).
 
 The same command and `--seed` give byte-identical files, whether the build ran straight or was stopped and run again
@@ -22,6 +25,7 @@ The same command and `--seed` give byte-identical files, whether the build ran s
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import shutil
 import time
@@ -260,6 +264,26 @@ def train_vae(work: Path, spec: DemoSpec, cfg: VAETrainConfig, finetune: VAETrai
     return encoder, decoder
 
 
+def polish_decoder(
+    work: Path, spec: DemoSpec, encoder: Encoder, decoder: Decoder, cfg: VAETrainConfig, dtype: torch.dtype
+) -> Decoder:
+    """Fine-tune (or resume) the decoder with the encoder frozen and noise on its latents (`cfg.latent_noise`), on
+    clips of the model's size and the second VAE stage's length; return its EMA weights. Both halves start as
+    exported (rounded to `dtype`): what this stage makes of a build's files it makes of a shipped folder's."""
+    encoder, decoder = as_exported(encoder, dtype), as_exported(decoder, dtype).requires_grad_(True)
+    world = replace(spec, vae_finetune_size=0).finetune_world()
+    trainer = VAETrainer(encoder, decoder, lambda rng, n: sample_batch(rng, n, config=world)[0], cfg)
+    trainer.fit(checkpoint=work / "decoder_polish")
+    return trainer.ema_model()["decoder"]
+
+
+def as_exported(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """A copy of `module` whose weights are rounded to `dtype` (and kept in their own dtype), as its file holds them."""
+    rounded = copy.deepcopy(module)
+    rounded.load_state_dict({k: v.to(dtype) for k, v in module.state_dict().items()})  # copied back into fp32
+    return rounded
+
+
 def clip_batches(spec: DemoSpec, n: int, seed: int, batch: int = 64, with_attributes: bool = False):
     """Training clips with captions (and attributes), in batches, from their own seed (independent of the VAE's)."""
     rng = np.random.default_rng(seed)
@@ -310,7 +334,47 @@ def export(out: Path, dit: AsymmDiT, t5, t5_files: Path, encoder, decoder, mean,
     write_manifest(out, manifest_of(out))  # what `python -m mochi_preview.verify` checks the folder against
 
 
-def main(argv: list[str] | None = None) -> None:
+def vae_configs(args: argparse.Namespace) -> tuple[VAETrainConfig, VAETrainConfig, VAETrainConfig]:
+    """The VAE's first and second stages' settings, and the decoder's on noisy latents (`--decoder_steps`)."""
+    first = VAETrainConfig(
+        steps=args.vae_steps,
+        batch_size=args.vae_batch,
+        lr=1e-3,
+        warmup=50,
+        min_lr_ratio=0.05,
+        object_weight=8.0,
+        colour_weight=5.0,
+        edge_weight=args.vae_edge_weight,
+        ema_decay=0.995,
+        threads=args.threads,
+        checkpoint_every=args.checkpoint_every or 100,
+        seed=args.seed,
+    )
+    second = replace(first, steps=args.vae_finetune_steps, lr=5e-4, warmup=20, ema_decay=0.99)
+    noisy = replace(second, steps=args.decoder_steps, lr=2e-4, train_encoder=False, latent_noise=args.decoder_noise)
+    return first, second, noisy
+
+
+def spec_of(args: argparse.Namespace) -> DemoSpec:
+    """The demo's sizes as the command line gives them."""
+    return DemoSpec(
+        frames=args.frames,
+        size=args.size,
+        vae_pretrain_frames=args.vae_pretrain_frames,
+        vae_pretrain_size=args.vae_pretrain_size,
+        vae_finetune_frames=args.vae_finetune_frames,
+        vae_finetune_size=args.vae_finetune_size,
+        latent_clips=args.latent_clips,
+        object_size=tuple(args.object_size),
+        vae_channels=tuple(args.vae_channels),
+        vae_blocks=tuple(args.vae_blocks),
+        pretrain_keeps_pixels=args.vae_pretrain_pixels,
+        caption_noise=args.caption_noise,
+    )
+
+
+def arguments() -> argparse.ArgumentParser:
+    """The build's command line (its checks of the values are in `main`)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True, help="model folder to write (native layout)")
     p.add_argument("--work", type=Path, default=None, help="checkpoints and caches (default: OUT/../OUT.work)")
@@ -320,6 +384,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--vae_finetune_steps", type=int, default=200, help="second-stage VAE steps, after --vae_steps")
     p.add_argument("--text_steps", type=int, default=600, help="text-encoder pretraining steps")
     p.add_argument("--dit_steps", type=int, default=2000)
+    p.add_argument("--decoder_steps", type=int, default=0,
+                   help="steps of the decoder alone on noisy latents, after the DiT (0: none)")  # fmt: skip
+    p.add_argument("--decoder_noise", type=float, default=0.5,
+                   help="--decoder_steps: the largest noise on its latents, in latent standard deviations")  # fmt: skip
     p.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default="float16")
     p.add_argument("--size", type=int, default=DemoSpec.size, help="clip width and height (a multiple of 16)")
     p.add_argument("--frames", type=int, default=DemoSpec.frames, help="clip length (6k + 1)")
@@ -366,6 +434,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--skip_eval", action="store_true", help="no checks (T5 on held-out captions, VAE reconstructions, adherence)"
     )
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = arguments()
     args = p.parse_args(argv)
     # Checked before anything is written: a wrong size would otherwise fail stages later, inside a network.
     g = MOCHI
@@ -392,28 +465,18 @@ def main(argv: list[str] | None = None) -> None:
         if not 0 < small <= large < limit:
             p.error(f"--object_size {small} {large}: needs 0 < MIN <= MAX < {limit:.3f} (objects that fit with "
                     f"room to move in the {frame}-pixel frames of --{name})")  # fmt: skip
-    counts = ("text_steps", "vae_steps", "vae_finetune_steps", "dit_steps", "latent_clips", "vae_batch", "threads")
+    counts = ("text_steps", "vae_steps", "vae_finetune_steps", "dit_steps", "decoder_steps", "latent_clips",
+              "vae_batch", "threads")  # fmt: skip
     for name in (*counts, "seed", "checkpoint_every"):
         at_least_0 = name.endswith("steps") or name in ("seed", "checkpoint_every")
         if getattr(args, name) < (0 if at_least_0 else 1):
             p.error(f"--{name} {getattr(args, name)}: must be {'at least 0' if at_least_0 else 'positive'}")
     if not 0.0 <= args.caption_noise <= 1.0:
         p.error(f"--caption_noise {args.caption_noise}: must be between 0 and 1")
+    if not 0.0 <= args.decoder_noise <= 4.0:
+        p.error(f"--decoder_noise {args.decoder_noise}: must be between 0 and 4 (latent standard deviations)")
     torch.set_num_threads(args.threads)
-    spec = DemoSpec(
-        frames=args.frames,
-        size=args.size,
-        vae_pretrain_frames=args.vae_pretrain_frames,
-        vae_pretrain_size=args.vae_pretrain_size,
-        vae_finetune_frames=args.vae_finetune_frames,
-        vae_finetune_size=args.vae_finetune_size,
-        latent_clips=args.latent_clips,
-        object_size=tuple(args.object_size),
-        vae_channels=tuple(args.vae_channels),
-        vae_blocks=tuple(args.vae_blocks),
-        pretrain_keeps_pixels=args.vae_pretrain_pixels,
-        caption_noise=args.caption_noise,
-    )
+    spec = spec_of(args)
     out, work = args.out, args.work or args.out.with_name(args.out.name + ".work")
     # The latent cache holds one text encoder's features, the checkpoints one seed's run: a work folder stays with
     # the options it began with (folders from before --seed / --caption_noise: seed 0, no noise).
@@ -429,7 +492,7 @@ def main(argv: list[str] | None = None) -> None:
     record.write_text(json.dumps(text_options))
     start = time.time()
 
-    log("1/5 text encoder")
+    log("1/6 text encoder")
     t5_init = work / "t5_init"
     every = lambda default: args.checkpoint_every or default
     build_t5(t5_init, spec, args.tokenizer, args.seed)
@@ -442,29 +505,15 @@ def main(argv: list[str] | None = None) -> None:
         pretrain_t5(t5_init, t5_files, work, text_cfg, check=not args.skip_eval, noise=args.caption_noise)
     text = TextEncoder.from_folder(t5_files)
 
-    log("2/5 VAE")
-    vae_cfg = VAETrainConfig(
-        steps=args.vae_steps,
-        batch_size=args.vae_batch,
-        lr=1e-3,
-        warmup=50,
-        min_lr_ratio=0.05,
-        object_weight=8.0,
-        colour_weight=5.0,
-        edge_weight=args.vae_edge_weight,
-        ema_decay=0.995,
-        threads=args.threads,
-        checkpoint_every=every(100),
-        seed=args.seed,
-    )
-    finetune_cfg = replace(vae_cfg, steps=args.vae_finetune_steps, lr=5e-4, warmup=20, ema_decay=0.99)
+    log("2/6 VAE")
+    vae_cfg, finetune_cfg, noisy_cfg = vae_configs(args)
     encoder, decoder = train_vae(work, spec, vae_cfg, finetune_cfg)
     if not args.skip_eval:
         check = vae_check(encoder, decoder, spec)
         log(f"VAE reconstructions: {check}")
         (work / "vae_check.json").write_text(json.dumps(check))
 
-    log("3/5 latent statistics and cache")
+    log("3/6 latent statistics and cache")
     cache = work / "latents.safetensors"
     stats_file = work / "latent_stats.json"
     if not cache.is_file():
@@ -479,7 +528,7 @@ def main(argv: list[str] | None = None) -> None:
     data = LatentData.load(cache)
     log(f"latent std per channel (VAE space): {[round(x, 2) for x in stats['std']]}")
 
-    log("4/5 DiT")
+    log("4/6 DiT")
     trained = args.text_encoder == "trained"
     dit_cfg = DiTTrainConfig(
         steps=args.dit_steps,
@@ -499,8 +548,16 @@ def main(argv: list[str] | None = None) -> None:
     dit = ema.dit if runs_t5 else ema
     t5 = ema.t5 if trained else None
 
-    log("5/5 export and evaluation")
     dtype = getattr(torch, args.dtype)
+    if args.decoder_steps:
+        log("5/6 decoder on noisy latents")
+        decoder = polish_decoder(work, spec, encoder, decoder, noisy_cfg, dtype)
+        if not args.skip_eval:
+            check = vae_check(encoder, decoder, spec)
+            log(f"VAE reconstructions (polished decoder): {check}")
+            (work / "decoder_check.json").write_text(json.dumps(check))
+
+    log("6/6 export and evaluation")
     export(out, dit, t5, t5_files, encoder, decoder, mean, std, spec, dtype)
     log(f"built {out} in {(time.time() - start) / 60:.1f} min (this run; resumed stages count only their new part)")
     if not args.skip_eval:

@@ -31,6 +31,11 @@ class VAETrainConfig(TrainConfig):
     edge_weight: float = 0.0  # L1 between the spatial gradients of the input and the reconstruction (crisp outlines)
     kl_weight: float = 1e-4
     sample_posterior: bool = False  # decode mean + std * eps instead of the mean
+    train_encoder: bool = True  # False: the encoder is frozen (its latents, and what was trained on them, stay valid)
+    # The decoder sees mean + s * noise, s uniform in [0, latent_noise] times each channel's std (over the batch): the
+    # DiT's latents are never exactly an encoder's, and a decoder that only saw posterior means draws the difference
+    # as stray marks beside the object.
+    latent_noise: float = 0.0
 
 
 def object_mask(x: torch.Tensor, threshold: float = 0.2) -> torch.Tensor:
@@ -85,16 +90,22 @@ class VAETrainer(Trainer):
         sample_videos: Callable[[np.random.Generator, int], torch.Tensor],
         cfg: VAETrainConfig = VAETrainConfig(),
     ):
+        encoder.requires_grad_(cfg.train_encoder)  # before the optimizer is made: frozen tensors are left out
         super().__init__(nn.ModuleDict({"encoder": encoder, "decoder": decoder}), cfg)
         self.encoder, self.decoder, self.sample_videos = encoder, decoder, sample_videos
 
     def loss(self) -> tuple[torch.Tensor, dict]:
         cfg = self.cfg
         x = self.sample_videos(self.rng, cfg.batch_size).float() / 127.5 - 1.0  # (B, 3, T, H, W) in [-1, 1]
-        mean, logvar = self.encoder(x)  # (B, 12, T', H', W') each
+        with torch.set_grad_enabled(cfg.train_encoder):
+            mean, logvar = self.encoder(x)  # (B, 12, T', H', W') each
         z = mean
         if cfg.sample_posterior:
             z = mean + (0.5 * logvar).exp() * torch.randn(mean.shape, generator=self.generator)
+        if cfg.latent_noise > 0:
+            std = mean.detach().std(dim=(0, 2, 3, 4), keepdim=True)  # (1, 12, 1, 1, 1)
+            level = cfg.latent_noise * torch.rand((len(z), 1, 1, 1, 1), generator=self.generator)  # (B, 1, 1, 1, 1)
+            z = z + level * std * torch.randn(mean.shape, generator=self.generator)
         recon = self.decoder(z)  # the plain network: no tiling or chunking while training
         terms = vae_losses(x, recon, mean, logvar, cfg)
         loss = terms["recon"] + cfg.colour_weight * terms["colour"] + cfg.edge_weight * terms["edge"]
